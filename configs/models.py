@@ -1,0 +1,70 @@
+"""The ViT family by variant string: "Ti/16", "B/16", "L/14", "g/14", ...
+
+A variant is `<size>/<patch>`: the size fixes width, depth, MLP width and heads
+(ViT paper, Table 1, and the later S, M, g, G sizes of big_vision / "Scaling
+Vision Transformers"); the patch is any positive integer, or `HxW` for
+rectangular patches ("B/16x8").  The published vit_jax names ("ViT-B_16") are
+accepted too.
+
+    >>> cfg = get_config("B/16", num_classes=10)
+    >>> model = create_model("B/16", num_classes=10)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import ml_collections
+
+SIZES: dict[str, dict[str, int]] = {
+    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "M": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+    "g": dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
+    "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
+}
+
+_VARIANT = re.compile(r"^(?:ViT-)?(?P<size>[A-Za-z]+)[/_](?P<ph>\d+)(?:x(?P<pw>\d+))?$")
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+  """`"B/16"` -> `{"width": 768, "depth": 12, "mlp_dim": 3072, "num_heads": 12, "patch_size": (16, 16)}`."""
+  m = _VARIANT.match(variant.strip())
+  valid = ", ".join(f"{s}/16" for s in SIZES)
+  if not m or m.group("size") not in SIZES:
+    raise ValueError(f"Unknown variant {variant!r}: choose one of {valid} (any patch size, e.g. "
+                     f"'L/14', 'B/32', 'S/16x8').")
+  ph = int(m.group("ph"))
+  pw = int(m.group("pw") or ph)
+  if ph <= 0 or pw <= 0:
+    raise ValueError(f"Variant {variant!r} has a non-positive patch size.")
+  return dict(SIZES[m.group("size")], patch_size=(ph, pw))
+
+
+def get_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """The `VisionTransformer` keyword arguments of a variant, as a locked ConfigDict.
+
+  Overrides must name real model fields; a typo fails with the closest names.
+  """
+  from vit_jax.models.vit import VisionTransformer  # configs -> models, never the reverse
+
+  fields = set(VisionTransformer.__dataclass_fields__) - {"parent", "name"}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    import difflib
+    hints = {k: difflib.get_close_matches(k, fields, n=3) for k in unknown}
+    raise ValueError(f"Unknown model setting(s) {unknown}; closest valid names: {hints}.")
+  cfg = ml_collections.ConfigDict(dict(decode_variant(variant), **overrides))
+  cfg.lock()
+  return cfg
+
+
+def create_model(variant: str, **overrides: Any):
+  """A `VisionTransformer` for `variant` (see `get_config`)."""
+  from vit_jax.models.vit import VisionTransformer
+
+  return VisionTransformer(**get_config(variant, **overrides).to_dict())

@@ -1,0 +1,312 @@
+"""Transformer encoder: MLP block, encoder block and the (optionally scanned) stack.
+
+Parameter names follow vit_jax / big_vision so the published checkpoints load:
+`Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0,
+LayerNorm_1, MlpBlock_0/{Dense_0, Dense_1}}` and `Transformer/encoder_norm`.
+With `scan=True` the blocks live under `Transformer/encoderblock` with a leading
+depth axis (big_vision's scanned layout); `scan_to_unrolled` /
+`unrolled_to_scan` convert parameter trees between the two.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Callable, Literal, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models.attention import MultiHeadAttention
+
+Array = jax.Array
+Dtype = Any
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact erf, as in timm / HF
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # flax nn.gelu, the official ViTs
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+GATED = {"swiglu": "silu", "geglu": "gelu"}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"Unknown activation {name!r}: choose one of {sorted(ACTIVATIONS) + sorted(GATED)}.")
+  return ACTIVATIONS[name]
+
+
+def remat_policies() -> list[str]:
+  return sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
+
+
+def get_remat_policy(name: str):
+  if not hasattr(jax.checkpoint_policies, name) or name.startswith("_"):
+    raise ValueError(f"Unknown remat policy {name!r}: choose one of {remat_policies()} (or None).")
+  return getattr(jax.checkpoint_policies, name)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> activation -> dropout -> Dense -> dropout.
+
+  `activation` is one of "gelu" (exact), "gelu_tanh", "relu", "silu", or a gated
+  unit "swiglu" / "geglu": `Dense_1(act(Dense_gate(x)) * Dense_0(x))`.
+  """
+  mlp_dim: int
+  out_dim: int | None = None
+  activation: str = "gelu"
+  dropout_rate: float = 0.0
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+  bias_init: Callable = nn.initializers.normal(stddev=1e-6)
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    """`x: [..., width]` -> `[..., out_dim or width]`."""
+    dense = functools.partial(nn.Dense, use_bias=self.use_bias, kernel_init=self.kernel_init,
+                              bias_init=self.bias_init, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.mlp_dim, name="Dense_0")(x)
+    if self.activation in GATED:
+      gate = dense(self.mlp_dim, name="Dense_gate")(x)
+      h = get_activation(GATED[self.activation])(gate) * h
+    else:
+      h = get_activation(self.activation)(h)
+    h = nn.Dropout(self.dropout_rate)(h, deterministic)
+    y = dense(self.out_dim or x.shape[-1], name="Dense_1")(h)
+    return nn.Dropout(self.dropout_rate)(y, deterministic)
+
+
+def drop_path(x: Array, rate: float | Array, rng: Array) -> Array:
+  """Stochastic depth: zero whole samples with probability `rate`, scale the rest by 1/(1-rate)."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return x * (mask / keep).astype(x.dtype)
+
+
+class LayerScale(nn.Module):
+  """CaiT's LayerScale: a learned per-channel scale `gamma`, initialised to a small constant."""
+  init_value: float
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],),
+                       self.param_dtype)
+    return x * gamma.astype(x.dtype)
+
+
+class Encoder1DBlock(nn.Module):
+  """One transformer block.
+
+  pre-norm:  x = x + F(LN(x))        post-norm:  x = LN(x + F(x))
+  where each residual branch is `F = drop_path(layer_scale(dropout(f))) / residual_scale`
+  for f in (self-attention, MLP).  `residual_scale` is LV-ViT's skip scaling
+  (1.0 = off); `layer_scale_init` turns on CaiT's LayerScale (`LayerScale_{0,1}/gamma`).
+  """
+  num_heads: int
+  mlp_dim: int
+  norm: Literal["pre", "post"] = "pre"
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: bool = False  # the per-layer rate is a call argument (it varies with depth)
+  layer_scale_init: float | None = None
+  residual_scale: float = 1.0
+  activation: str = "gelu"
+  qkv_bias: bool = True
+  layer_norm_eps: float = 1e-6
+  attention_impl: str | None = None
+  return_weights: bool = False
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None, drop_path_rate: float | Array = 0.0,
+               deterministic: bool = True) -> tuple[Array, Array | None]:
+    """`x: [batch, tokens, width]`, `mask` broadcastable to `[batch, heads, tokens, tokens]`.
+
+    Returns `(x, attention weights [batch, heads, tokens, tokens] or None)`.
+    """
+    if self.norm not in ("pre", "post"):
+      raise ValueError(f"Unknown norm placement {self.norm!r}: choose 'pre' or 'post'.")
+
+    def residual(x, f, idx):
+      norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=f"LayerNorm_{idx}")
+      y = f(norm(x) if self.norm == "pre" else x)
+      y = nn.Dropout(self.dropout_rate)(y, deterministic)
+      if self.layer_scale_init is not None:
+        y = LayerScale(self.layer_scale_init, self.param_dtype, name=f"LayerScale_{idx}")(y)
+      if self.stochastic_depth and not deterministic:
+        y = drop_path(y, drop_path_rate, self.make_rng("dropout"))
+      if self.residual_scale != 1.0:
+        y = y / self.residual_scale
+      return norm(x + y) if self.norm == "post" else x + y
+
+    attn = MultiHeadAttention(
+        num_heads=self.num_heads, use_bias=self.qkv_bias, dropout_rate=self.attention_dropout_rate,
+        implementation=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+        name="MultiHeadDotProductAttention_0")
+    mlp = MlpBlock(self.mlp_dim, activation=self.activation, dropout_rate=self.dropout_rate,
+                   dtype=self.dtype, param_dtype=self.param_dtype, name="MlpBlock_0")
+    weights = []
+
+    def self_attention(y):
+      out = attn(y, mask=mask, deterministic=deterministic, return_weights=self.return_weights)
+      if self.return_weights:
+        out, w = out
+        weights.append(w)
+      return out
+
+    x = residual(x, self_attention, 0)
+    x = residual(x, lambda y: mlp(y, deterministic), 1)
+    return x, (weights[0] if weights else None)
+
+
+class AddPositionEmbs(nn.Module):
+  """A learned position embedding `pos_embedding: [1, tokens, width]` added to the input."""
+  posemb_init: Callable = nn.initializers.normal(stddev=0.02)
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    pe = self.param("pos_embedding", self.posemb_init, (1,) + x.shape[1:], self.param_dtype)
+    if pe.shape[1:] != x.shape[1:]:
+      raise ValueError(f"Position embedding has {pe.shape[1]} tokens but the input has {x.shape[1]}: "
+                       "the image size differs from the one the model was initialised with; resize the "
+                       "position embedding to the new grid before loading.")
+    return x + pe.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+  """A stack of `Encoder1DBlock`s, optionally under `nn.scan` and `jax.checkpoint`.
+
+  Attributes (beyond those forwarded to every block):
+    num_layers: depth.
+    drop_path_rate: stochastic-depth rate of the last block; rates ramp linearly
+      from 0 at the first block.
+    learned_posemb: add a learned `posembed_input/pos_embedding` before the blocks.
+    final_norm: apply `encoder_norm` at the end (default: with pre-norm blocks).
+    scan: run the blocks with `nn.scan` (params under `encoderblock`, stacked on axis 0).
+    remat_policy: None for no rematerialisation, or a `jax.checkpoint_policies` name
+      (e.g. "nothing_saveable", "dots_saveable").
+    return_weights: also return every block's attention weights.
+  """
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  norm: Literal["pre", "post"] = "pre"
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  layer_scale_init: float | None = None
+  residual_scale: float = 1.0
+  activation: str = "gelu"
+  qkv_bias: bool = True
+  layer_norm_eps: float = 1e-6
+  learned_posemb: bool = False
+  final_norm: bool | None = None
+  scan: bool = False
+  remat_policy: str | None = None
+  attention_impl: str | None = None
+  return_weights: bool = False
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, posemb: Array | None = None, mask: Array | None = None,
+               deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
+    """`x: [batch, tokens, width]`; `posemb`: a fixed table added to x (e.g. sin-cos).
+
+    Returns `(encoded [batch, tokens, width], out)`; `out["attention_weights"]`
+    is `[layers, batch, heads, tokens, tokens]` when `return_weights`.
+    """
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+    if self.learned_posemb:
+      x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
+    if posemb is not None:
+      x = x + jnp.asarray(posemb, x.dtype)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic)
+
+    block_kw = dict(
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, norm=self.norm, dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate, stochastic_depth=self.drop_path_rate > 0,
+        layer_scale_init=self.layer_scale_init, residual_scale=self.residual_scale,
+        activation=self.activation, qkv_bias=self.qkv_bias, layer_norm_eps=self.layer_norm_eps,
+        attention_impl=self.attention_impl, return_weights=self.return_weights, dtype=self.dtype,
+        param_dtype=self.param_dtype)
+    block = Encoder1DBlock
+    if self.remat_policy not in (None, "none"):
+      # __call__(self, x, mask, drop_path_rate, deterministic): `deterministic` is static.
+      block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(4,),
+                       policy=get_remat_policy(self.remat_policy))
+    rates = np.linspace(0.0, self.drop_path_rate, self.num_layers)
+
+    out = {}
+    if self.scan:
+      ramp = self.drop_path_rate > 0
+      block = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, 0 if ramp else nn.broadcast, nn.broadcast),
+                      length=self.num_layers)
+      x, weights = block(name="encoderblock", **block_kw)(
+          x, mask, jnp.asarray(rates, jnp.float32) if ramp else 0.0, deterministic)
+    else:
+      weights = []
+      for i in range(self.num_layers):
+        x, w = block(name=f"encoderblock_{i}", **block_kw)(x, mask, float(rates[i]), deterministic)
+        weights.append(w)
+      weights = jnp.stack(weights) if self.return_weights else None
+    if self.return_weights:
+      out["attention_weights"] = weights
+
+    if self.norm == "pre" if self.final_norm is None else self.final_norm:
+      x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="encoder_norm")(x)
+    return x, out
+
+
+# ---------------------------------------------------------------------------
+# Scanned <-> unrolled parameter layouts.
+# ---------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"^encoderblock_(\d+)$")
+
+
+def scan_to_unrolled(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Replace every `encoderblock` (leading depth axis) with `encoderblock_{i}` entries."""
+  out = {}
+  for k, v in params.items():
+    if k == "encoderblock" and isinstance(v, Mapping):
+      depth = jax.tree_util.tree_leaves(v)[0].shape[0]
+      for i in range(depth):
+        out[f"encoderblock_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], _plain(v))
+    elif isinstance(v, Mapping):
+      out[k] = scan_to_unrolled(v)
+    else:
+      out[k] = v
+  return out
+
+
+def unrolled_to_scan(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Stack `encoderblock_0..N-1` into one `encoderblock` with a leading depth axis."""
+  blocks = {int(m.group(1)): k for k in params if (m := _BLOCK.match(k))}
+  if blocks and sorted(blocks) != list(range(len(blocks))):
+    raise ValueError(f"Encoder blocks are not numbered 0..{len(blocks) - 1}: {sorted(blocks)}.")
+  out = {}
+  for k, v in params.items():
+    if _BLOCK.match(k):
+      continue
+    out[k] = unrolled_to_scan(v) if isinstance(v, Mapping) else v
+  if blocks:
+    layers = [_plain(params[blocks[i]]) for i in range(len(blocks))]
+    out["encoderblock"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
+  return out
+
+
+def _plain(tree):
+  return {k: _plain(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
