@@ -174,11 +174,13 @@ class AddPositionEmbs(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    if self.has_variable("params", "pos_embedding"):
+      stored = self.get_variable("params", "pos_embedding").shape
+      if stored[1:] != x.shape[1:]:
+        raise ValueError(f"Position embedding has {stored[1]} tokens of width {stored[2]} but the input has "
+                         f"{x.shape[1]} of width {x.shape[2]}: the image size differs from the one the model "
+                         "was initialised with; resize the position embedding to the new grid first.")
     pe = self.param("pos_embedding", self.posemb_init, (1,) + x.shape[1:], self.param_dtype)
-    if pe.shape[1:] != x.shape[1:]:
-      raise ValueError(f"Position embedding has {pe.shape[1]} tokens but the input has {x.shape[1]}: "
-                       "the image size differs from the one the model was initialised with; resize the "
-                       "position embedding to the new grid before loading.")
     return x + pe.astype(x.dtype)
 
 
