@@ -5,7 +5,10 @@
 Both sides run the same architecture (exact GELU, LayerNorm eps 1e-6, qkv bias,
 class token, 1000-class head), AdamW with float32 states, softmax cross-entropy,
 synthetic data resident in memory.  Rounds alternate jax / torch so that machine
-noise hits both; the table reports medians.  Also printed: the fraction of the
+noise hits both; the table reports medians.  `--gelu tanh` runs both sides
+with the tanh approximation (flax's default, HF "gelu_pytorch_tanh") instead.
+By default XLA:CPU runs with `vit_jax.runtime.tune_xla_cpu()`;
+`--xla-default-flags` shows XLA's defaults.  Also printed: the fraction of the
 measured float32 matmul peak our step reaches (model FLOPs = 3 x forward), and
 trace+compile time of the step for two depths with and without `nn.scan`.
 """
@@ -13,12 +16,18 @@ trace+compile time of the step for two depths with and without `nn.scan`.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vit_jax import runtime  # noqa: E402
+
+if "--xla-default-flags" not in sys.argv:
+  runtime.tune_xla_cpu()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -27,6 +36,9 @@ import optax  # noqa: E402
 
 from configs.models import decode_variant  # noqa: E402
 from vit_jax.models.vit import VisionTransformer  # noqa: E402
+
+
+GELU = {"exact": ("gelu", "gelu"), "tanh": ("gelu_tanh", "gelu_pytorch_tanh")}  # ours, Hugging Face
 
 
 def vit_forward_flops(width, depth, mlp_dim, patch, resolution, num_classes, channels=3):
@@ -65,7 +77,7 @@ def make_jax_step(model, tx):
 
 
 def jax_setup(args, cfg, depth=None, scan=False):
-  model = VisionTransformer(num_classes=1000, activation="gelu", scan=scan,
+  model = VisionTransformer(num_classes=1000, activation=GELU[args.gelu][0], scan=scan,
                             **dict(cfg, depth=depth or cfg["depth"]))
   images = jnp.asarray(np.random.default_rng(0).standard_normal(
       (args.batch, args.resolution, args.resolution, 3), np.float32))
@@ -106,7 +118,7 @@ class TorchRunner:
     config = transformers.ViTConfig(
         hidden_size=cfg["width"], num_hidden_layers=cfg["depth"], num_attention_heads=cfg["num_heads"],
         intermediate_size=cfg["mlp_dim"], image_size=args.resolution, patch_size=cfg["patch_size"][0],
-        num_labels=1000, layer_norm_eps=1e-6, hidden_act="gelu", attn_implementation="sdpa")
+        num_labels=1000, layer_norm_eps=1e-6, hidden_act=GELU[args.gelu][1], attn_implementation="sdpa")
     self.torch = torch
     self.model = transformers.ViTForImageClassification(config).train()
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05)
@@ -126,6 +138,13 @@ class TorchRunner:
       self.opt.step()
 
 
+def _worker(conn, name, args, cfg):
+  runner = (JaxRunner if name == "vit_jax" else TorchRunner)(args, cfg)
+  conn.send(runner.first_call)
+  while (steps := conn.recv()) is not None:
+    conn.send(_timeit(lambda: runner.run(steps)))
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--variant", default="Ti/16")
@@ -134,32 +153,47 @@ def main():
   p.add_argument("--steps", type=int, default=4, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=3, help="alternating jax/torch rounds")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+  p.add_argument("--gelu", choices=sorted(GELU), default="exact", help="GELU form on both sides")
+  p.add_argument("--xla-default-flags", action="store_true", help="do not apply vit_jax.runtime.tune_xla_cpu()")
   p.add_argument("--compile-depths", default="12,24", help="depths for the compile-time rows ('' to skip)")
   args = p.parse_args()
-  if args.resolution % 16 and "/" not in args.variant:
-    raise SystemExit("resolution must be divisible by the patch size")
   cfg = decode_variant(args.variant)
+  if args.resolution % cfg["patch_size"][0] or args.resolution % cfg["patch_size"][1]:
+    raise SystemExit(f"--resolution {args.resolution} is not divisible by the patch size {cfg['patch_size']}")
 
   print(f"# jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
-        f"{os.cpu_count()} cores; {args.variant} @ {args.resolution}px, batch {args.batch}, float32, AdamW")
+        f"{os.cpu_count()} cores; {args.variant} @ {args.resolution}px, batch {args.batch}, float32, AdamW, "
+        f"{args.gelu} GELU; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   peak = matmul_peak()
   flops_img = 3 * vit_forward_flops(cfg["width"], cfg["depth"], cfg["mlp_dim"], cfg["patch_size"],
                                     args.resolution, 1000)
 
-  runners = {"vit_jax": JaxRunner(args, cfg)}
-  if not args.no_torch:
-    runners["HF ViT (torch)"] = TorchRunner(args, cfg)
-  times = {k: [] for k in runners}
+  # Each framework runs in its own worker process (spawned, so torch's thread pool never shares a
+  # process with XLA's); the parent alternates timed rounds between them.
+  ctx = multiprocessing.get_context("spawn")
+  names = ["vit_jax"] + ([] if args.no_torch else ["HF ViT (torch)"])
+  workers = {}
+  for name in names:
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_worker, args=(child, name, args, cfg), daemon=True)
+    proc.start()
+    workers[name] = (parent, proc)
+  first_call = {name: conn.recv() for name, (conn, _) in workers.items()}
+  times = {k: [] for k in names}
   for _ in range(args.rounds):
-    for name, r in runners.items():
-      times[name].append(_timeit(lambda r=r: r.run(args.steps)) / args.steps)
+    for name, (conn, _) in workers.items():
+      conn.send(args.steps)
+      times[name].append(conn.recv() / args.steps)
+  for conn, proc in workers.values():
+    conn.send(None)
+    proc.join()
 
   rows = []
   for name, ts in times.items():
     med = statistics.median(ts)
     ips = args.batch / med
     rows.append((name, f"{ips:.2f}", f"{args.batch / max(ts):.2f}-{args.batch / min(ts):.2f}",
-                 f"{1e3 * med:.0f}", f"{flops_img * ips / 1e9 / peak:.0%}", f"{runners[name].first_call:.1f}"))
+                 f"{1e3 * med:.0f}", f"{flops_img * ips / 1e9 / peak:.0%}", f"{first_call[name]:.1f}"))
   _table(["train step", "img/s (median)", "img/s range", "ms/step", "of matmul peak", "first call s"], rows)
   if not args.no_torch:
     ratio = statistics.median(times["HF ViT (torch)"]) / statistics.median(times["vit_jax"])
