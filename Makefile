@@ -4,8 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Tests run on 8 simulated CPU devices so sharding code is exercised without accelerators.
-TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+# tests/conftest.py runs the tests on 8 simulated CPU devices (sharding code without accelerators).
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-quick bench venv clean
@@ -22,10 +21,10 @@ demo: $(STAMP)
 	$(PY) main.py
 
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 test-quick: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/vit_step.py

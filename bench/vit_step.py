@@ -84,13 +84,12 @@ def jax_setup(args, cfg, depth=None, scan=False):
   labels = jnp.asarray(np.random.default_rng(1).integers(0, 1000, args.batch))
   params = jax.jit(model.init)(jax.random.key(0), images[:1])["params"]
   tx = optax.adamw(1e-4, weight_decay=0.05)
-  opt_state = tx.init(params)
-  return model, tx, params, opt_state, images, labels
+  step = jax.jit(make_jax_step(model, tx), donate_argnums=(0, 1))
+  return step, params, tx.init(params), images, labels
 
 
 def compile_seconds(args, cfg, depth, scan):
-  model, tx, params, opt_state, images, labels = jax_setup(args, cfg, depth, scan)
-  step = jax.jit(make_jax_step(model, tx), donate_argnums=(0, 1))
+  step, params, opt_state, images, labels = jax_setup(args, cfg, depth, scan)
   t = time.perf_counter()
   step.lower(params, opt_state, images, labels).compile()
   return time.perf_counter() - t
@@ -98,11 +97,7 @@ def compile_seconds(args, cfg, depth, scan):
 
 class JaxRunner:
   def __init__(self, args, cfg):
-    model, tx, self.params, self.opt_state, self.images, self.labels = jax_setup(args, cfg)
-    self.step = jax.jit(make_jax_step(model, tx), donate_argnums=(0, 1))
-    t = time.perf_counter()
-    self.run(1)
-    self.first_call = time.perf_counter() - t
+    self.step, self.params, self.opt_state, self.images, self.labels = jax_setup(args, cfg)
 
   def run(self, steps):
     for _ in range(steps):
@@ -125,9 +120,6 @@ class TorchRunner:
     g = torch.Generator().manual_seed(0)
     self.images = torch.randn(args.batch, 3, args.resolution, args.resolution, generator=g)
     self.labels = torch.randint(0, 1000, (args.batch,), generator=g)
-    t = time.perf_counter()
-    self.run(1)
-    self.first_call = time.perf_counter() - t
 
   def run(self, steps):
     for _ in range(steps):
@@ -140,7 +132,7 @@ class TorchRunner:
 
 def _worker(conn, name, args, cfg):
   runner = (JaxRunner if name == "vit_jax" else TorchRunner)(args, cfg)
-  conn.send(runner.first_call)
+  conn.send(_timeit(lambda: runner.run(1)))  # the first call (compilation / warm-up)
   while (steps := conn.recv()) is not None:
     conn.send(_timeit(lambda: runner.run(steps)))
 

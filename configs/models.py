@@ -8,6 +8,8 @@ accepted too.
 
     >>> cfg = get_config("B/16", num_classes=10)
     >>> model = create_model("B/16", num_classes=10)
+
+`python -m configs.models` prints the model-zoo table of the README.
 """
 
 from __future__ import annotations
@@ -68,3 +70,32 @@ def create_model(variant: str, **overrides: Any):
   from vit_jax.models.vit import VisionTransformer
 
   return VisionTransformer(**get_config(variant, **overrides).to_dict())
+
+
+ZOO = ("Ti/16", "S/16", "M/16", "B/16", "B/32", "L/16", "L/14", "H/14", "g/14", "G/14")
+
+
+def count_params(variant: str, resolution: int = 224, **overrides: Any) -> int:
+  """Parameters of `variant` at `resolution` px, from shapes only (nothing is allocated)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  model = create_model(variant, **overrides)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, resolution, resolution, 3))))
+  return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes["params"]))
+
+
+def zoo_table() -> str:
+  """The README's Markdown table: every `ZOO` variant with its size and parameter count."""
+  rows = ["| variant | width | depth | MLP | heads | params (224 px, 1000 classes) |",
+          "|---|---|---|---|---|---|"]
+  for v in ZOO:
+    c = decode_variant(v)
+    rows.append(f"| {v} | {c['width']} | {c['depth']} | {c['mlp_dim']} | {c['num_heads']} | "
+                f"{count_params(v, num_classes=1000):,} |")
+  return "\n".join(rows)
+
+
+if __name__ == "__main__":
+  print(zoo_table())

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import perturb
 from vit_jax.models import attention as A
 
 RTOL, ATOL = 1e-5, 1e-5  # float32 with different summation orders
@@ -118,7 +119,7 @@ def test_multihead_matches_flax_module_with_same_params():
   mask[..., 0] = True
   ref = nn.MultiHeadDotProductAttention(num_heads=4)
   params = ref.init(jax.random.key(1), x, kv)
-  params = jax.tree_util.tree_map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32), params)
+  params = perturb(params, rng, scale=0.1)
   ours = A.MultiHeadAttention(num_heads=4)
   np.testing.assert_allclose(ours.apply(params, x, kv, mask=mask), ref.apply(params, x, kv, mask=mask),
                              rtol=RTOL, atol=ATOL)
@@ -170,7 +171,7 @@ def test_multihead_separate_widths_match_formula():
   m = A.MultiHeadAttention(num_heads=2, qk_features=6, v_features=10, out_features=5)
   q, k, v = rand(rng, 2, 3, 7), rand(rng, 2, 4, 9), rand(rng, 2, 4, 11)
   params = m.init(jax.random.key(0), q, k, v)["params"]
-  params = jax.tree_util.tree_map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32), params)
+  params = perturb(params, rng, scale=0.1)
   got = m.apply({"params": params}, q, k, v)
   assert got.shape == (2, 3, 5)
   P = jax.tree_util.tree_map(np.asarray, params)
@@ -186,9 +187,7 @@ def test_multihead_separate_widths_match_formula():
 
 
 def _perturbed(module, rng, *args, **kw):
-  params = module.init(jax.random.key(0), *args, **kw)["params"]
-  return jax.tree_util.tree_map(lambda a: np.asarray(a) + 0.3 * rng.standard_normal(a.shape).astype(np.float32),
-                                params)
+  return perturb(module.init(jax.random.key(0), *args, **kw)["params"], rng, scale=0.3)
 
 
 def _key_mask(b, q_len, s, lengths):

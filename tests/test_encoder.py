@@ -6,16 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import perturb
 from vit_jax.models import encoder as E
 from vit_jax.models.attention import MultiHeadAttention
 
 RTOL, ATOL = 1e-5, 1e-5
-
-
-def perturb(tree, seed=0, scale=0.2):
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(lambda a: np.asarray(a) + scale * rng.standard_normal(a.shape).astype(np.float32),
-                                tree)
 
 
 @pytest.mark.parametrize("norm", ["pre", "post"])

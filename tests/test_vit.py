@@ -1,5 +1,7 @@
 """ViT: published parameter counts, the variant table, sin-cos tables, pooling, dtypes, errors."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +12,6 @@ from vit_jax.models import vit as V
 from vit_jax.models.encoder import unrolled_to_scan
 
 RTOL, ATOL = 1e-5, 1e-5
-
-
-def count_params(model, shape=(1, 224, 224, 3)):
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
-  return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(variables["params"]))
 
 
 def expected_count(width, depth, mlp, patch, classes=1000, res=224, channels=3):
@@ -28,15 +25,20 @@ def expected_count(width, depth, mlp, patch, classes=1000, res=224, channels=3):
 
 
 def test_published_parameter_counts():
-  assert count_params(model_configs.create_model("B/16", num_classes=1000)) == 86_567_656
-  assert count_params(model_configs.create_model("L/16", num_classes=1000)) == 304_326_632
+  assert model_configs.count_params("B/16", num_classes=1000) == 86_567_656
+  assert model_configs.count_params("L/16", num_classes=1000) == 304_326_632
 
 
 @pytest.mark.parametrize("variant", ["Ti/16", "S/16", "B/32", "L/32", "H/14"])
 def test_parameter_counts_against_formula(variant):
   cfg = model_configs.decode_variant(variant)
   want = expected_count(cfg["width"], cfg["depth"], cfg["mlp_dim"], cfg["patch_size"][0])
-  assert count_params(model_configs.create_model(variant, num_classes=1000)) == want
+  assert model_configs.count_params(variant, num_classes=1000) == want
+
+
+def test_readme_model_zoo_is_the_printed_table():
+  readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+  assert model_configs.zoo_table() in readme
 
 
 def test_variant_table_and_errors():

@@ -1,8 +1,8 @@
 """Process-level runtime settings that must be chosen before JAX starts its backends.
 
-On CPU, XLA 0.10's YNNPACK fusions made the ViT-Ti train step 1.15-1.6x slower
-than XLA's own emitters on the 2-core AVX-512 machine this project is measured on
-(`bench/vit_step.py --xla-default-flags` shows the default).  `tune_xla_cpu()` turns them off.  It only
+On CPU, XLA 0.10's YNNPACK fusions slow the ViT-Ti train step down on the 2-core
+AVX-512 machine this project is measured on (`bench/vit_step.py` against
+`bench/vit_step.py --xla-default-flags`).  `tune_xla_cpu()` turns them off.  It only
 adds the flag for jaxlib versions known to accept it (an unknown XLA flag aborts
 the process), never overrides a user's own setting, and does nothing once a JAX
 backend is running.

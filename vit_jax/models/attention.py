@@ -292,9 +292,14 @@ class MultiHeadAttention(nn.Module):
 # ---------------------------------------------------------------------------
 
 
+def _context(weights: Array, value: Array) -> Array:
+  """`weights: [..., q_len, kv_len]`, `value: [..., kv_len, d_v]` -> `[..., q_len, d_v]`."""
+  return jnp.einsum("...qk,...kd->...qd", weights.astype(value.dtype), value)
+
+
 def _attend(scores: Array, value: Array, mask: Array | None) -> tuple[Array, Array]:
   weights = masked_softmax(scores, mask)
-  return jnp.einsum("...qk,...kd->...qd", weights.astype(value.dtype), value), weights
+  return _context(weights, value), weights
 
 
 class AdditiveAttention(nn.Module):
@@ -424,5 +429,4 @@ class LocalAttention(nn.Module):
     if self.mode == "p":
       sigma = self.window / 2.0
       weights = weights * jnp.exp(-jnp.square(dist) / (2.0 * sigma**2))
-    context = jnp.einsum("...qk,...kd->...qd", weights.astype(value.dtype), value)
-    return context, weights, p
+    return _context(weights, value), weights, p
