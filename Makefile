@@ -7,7 +7,12 @@ STAMP := $(VENV)/.installed
 # tests/conftest.py runs the tests on 8 simulated CPU devices (sharding code without accelerators).
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick bench venv clean
+# timm parity tests: timm needs torchvision, available here only as CUDA builds, so they run
+# in their own environment (.venv-timm, ~7 GB) pinned by constraints-timm.txt.
+TIMM_VENV := .venv-timm
+TIMM_STAMP := $(TIMM_VENV)/.installed
+
+.PHONY: demo test test-quick test-timm bench venv clean
 
 venv: $(STAMP)
 
@@ -16,6 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
+
+$(TIMM_STAMP): pyproject.toml constraints-timm.txt
+	test -x $(TIMM_VENV)/bin/python || $(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TIMM_VENV)/bin/python -m pip install --quiet -c constraints-timm.txt -e ".[test,timm]"
+	touch $(TIMM_STAMP)
 
 demo: $(STAMP)
 	$(PY) main.py
@@ -26,8 +37,11 @@ test: $(STAMP)
 test-quick: $(STAMP)
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
+test-timm: $(TIMM_STAMP)
+	HF_HUB_OFFLINE=1 $(TIMM_VENV)/bin/python -m pytest -n 2 -m timm -rs $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(PY) bench/vit_step.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TIMM_VENV) .pytest_cache

@@ -317,7 +317,10 @@ def unrolled_to_scan(params: Mapping[str, Any]) -> dict[str, Any]:
     out[k] = unrolled_to_scan(v) if isinstance(v, Mapping) else v
   if blocks:
     layers = [_plain(params[blocks[i]]) for i in range(len(blocks))]
-    out["encoderblock"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
+    # numpy in, numpy out (checkpoint conversion stays on the host); otherwise jax arrays.
+    host = all(isinstance(a, np.ndarray) for a in jax.tree_util.tree_leaves(layers))
+    stack = np.stack if host else jnp.stack
+    out["encoderblock"] = jax.tree_util.tree_map(lambda *a: stack(a), *layers)
   return out
 
 

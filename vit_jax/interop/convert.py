@@ -1,0 +1,173 @@
+"""Convert a checkpoint between formats.
+
+    python -m vit_jax.interop.convert --input ViT-B_16.npz --to hf --output out/vit-b16-hf
+    python -m vit_jax.interop.convert --input WORKDIR --to timm --output out/timm
+    python -m vit_jax.interop.convert --input WORKDIR --to vit_jax_npz --output out/model.npz
+
+--input: a native checkpoint (a trainer work directory, a checkpoint root or one
+step directory) or an `.npz` in the vit_jax or big_vision layout.
+--to:
+  vit_jax_npz     the official vit_jax layout (timm's `load_pretrained` reads it)
+  big_vision_npz  big_vision's layout (`params/` prefix; --scan stacks the blocks)
+  timm            a directory: model.safetensors + config.json ("local-dir:" for timm.create_model)
+  hf              a directory: model.safetensors + config.json for transformers' from_pretrained
+  orbax           a native checkpoint directory (e.g. to start training from a published file)
+
+The model settings come from the checkpoint's saved config, or are read from
+the weights of an `.npz`; `--config` adds or overrides settings, as a JSON
+file, a JSON object, or `key=value,...` (`variant=B/16` expands to the size).
+Before writing, the weights are checked against the model those settings
+build, so a wrong setting fails here and not in PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+FORMATS = ("vit_jax_npz", "big_vision_npz", "timm", "hf", "orbax")
+
+
+def parse_config(spec: str | None) -> dict[str, Any]:
+  """`--config`: a JSON file, a JSON object, or `key=value,...` (values as Python literals)."""
+  if not spec:
+    return {}
+  if os.path.isfile(spec):
+    with open(spec) as f:
+      spec = f.read()
+  spec = spec.strip()
+  if spec.startswith("{"):
+    try:
+      out = json.loads(spec)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"--config is not valid JSON: {e}.") from None
+  else:
+    out = {}
+    for item in _split(spec):
+      key, sep, value = item.partition("=")
+      if not sep:
+        raise ValueError(f"--config item {item!r} is not key=value.")
+      try:
+        out[key.strip()] = ast.literal_eval(value.strip())
+      except (ValueError, SyntaxError):
+        out[key.strip()] = value.strip()  # a bare string such as gelu or B/16
+  model = dict(out.pop("model", {}), **out)
+  if "variant" in model:
+    from configs.models import decode_variant
+    model = dict(decode_variant(model.pop("variant")), **model)
+  return model
+
+
+def _split(spec: str) -> list[str]:
+  """Split on commas outside brackets: `patch_size=(16, 8),width=64`."""
+  items, depth, cur = [], 0, ""
+  for ch in spec:
+    depth += ch in "([{"
+    depth -= ch in ")]}"
+    if ch == "," and depth == 0:
+      items.append(cur)
+      cur = ""
+    else:
+      cur += ch
+  return [i for i in items + [cur] if i.strip()]
+
+
+def _image_size(value: str | None):
+  if not value:
+    return None
+  parts = [int(v) for v in value.replace("x", ",").split(",")]
+  return (parts[0], parts[0]) if len(parts) == 1 else tuple(parts)
+
+
+def check_against_model(params, settings, grid) -> None:
+  """Raise a listing of every key/shape that differs from what `settings` builds."""
+  import jax
+  import jax.numpy as jnp
+
+  from vit_jax.interop.tree import ParamMismatchError, diff_params
+  from vit_jax.models.vit import VisionTransformer
+
+  ph, pw = settings["patch_size"]
+  model = VisionTransformer(**settings)
+  images = jnp.zeros((1, grid[0] * ph, grid[1] * pw, settings["channels"]))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images))["params"]
+  diff = diff_params(params, shapes)
+  if diff:
+    raise ParamMismatchError("The weights do not match the model settings "
+                             f"{ {k: settings[k] for k in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size', 'pool_type', 'num_classes')} }:\n"
+                             f"{diff.describe()}\nFix the settings with --config.")
+
+
+def convert(input_path: str, to: str, output: str, *, config: dict[str, Any] | None = None,
+            image_size=None, scan: bool = False, labels: Sequence[str] | None = None) -> str:
+  """Convert `input_path` to format `to` at `output`; returns a one-line summary."""
+  from vit_jax.interop import common, hf_export, load, npz, timm_export
+
+  if to not in FORMATS:
+    raise ValueError(f"Unknown target format {to!r}: choose one of {FORMATS}.")
+  params, saved = load.load_params(input_path)
+  settings = common.model_settings(dict(saved.get("model", {}), **(config or {})))
+  if image_size is None and saved.get("image_size"):
+    image_size = tuple(saved["image_size"])
+  grid = common.patch_grid(params, settings, image_size)
+  settings_scan = dict(settings, scan=False)
+  check_against_model(params, settings_scan, grid)
+
+  if to == "vit_jax_npz":
+    npz.save_npz(output, params, layout="vit_jax", settings=settings, image_size=image_size)
+    how = f"timm: model.load_pretrained({output!r}); vit_jax: load_pretrained({output!r}, init_params)"
+  elif to == "big_vision_npz":
+    npz.save_npz(output, params, layout="big_vision", scan=scan, settings=settings, image_size=image_size)
+    how = f"vit_jax: load_pretrained({output!r}, init_params)"
+  elif to == "timm":
+    timm_export.save(params, settings, output, image_size=image_size)
+    how = f"timm.create_model('local-dir:{output}', pretrained=True)"
+  elif to == "hf":
+    hf_export.save(params, settings, output, image_size=image_size, labels=labels)
+    _, cls, _ = hf_export.architecture(settings)
+    extra = ", add_pooling_layer=False" if cls == "ViTModel" and not settings["representation_size"] else ""
+    how = f"transformers.{cls}.from_pretrained({output!r}{extra})"
+  else:
+    from vit_jax import checkpoint
+    from vit_jax.checkpoint import settings_to_json
+    ph, pw = settings["patch_size"]
+    tree = common.scanned(params) if scan else params
+    checkpoint.save(output, tree, config={"model": settings_to_json(dict(settings, scan=scan)),
+                                          "image_size": [grid[0] * ph, grid[1] * pw], "source": input_path})
+    how = f"vit_jax.checkpoint.load({output!r})"
+  return f"wrote {to} to {output}; load it with {how}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m vit_jax.interop.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--input", required=True, help="native checkpoint directory or .npz file")
+  parser.add_argument("--to", required=True, choices=FORMATS)
+  parser.add_argument("--output", required=True, help="output file (.npz) or directory")
+  parser.add_argument("--config", help="model settings: JSON file, JSON object or key=value,...")
+  parser.add_argument("--image_size", help="H or H,W: needed for non-square grids without a saved config")
+  parser.add_argument("--scan", action="store_true", help="stack the blocks (big_vision_npz, orbax)")
+  parser.add_argument("--labels", help="text file with one class name per line (hf id2label)")
+  args = parser.parse_args(argv)
+
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; never grab an accelerator
+  from vit_jax.interop.tree import CheckpointError, ParamMismatchError
+  try:
+    labels = None
+    if args.labels:
+      with open(args.labels) as f:
+        labels = [line.strip() for line in f if line.strip()]
+    print(convert(args.input, args.to, args.output, config=parse_config(args.config),
+                  image_size=_image_size(args.image_size), scan=args.scan, labels=labels))
+  except (CheckpointError, ParamMismatchError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,100 @@
+"""Load any supported checkpoint into a model's parameter tree, for inference or fine-tuning.
+
+    init = model.init(rng, images)["params"]
+    params = load_pretrained("ViT-B_16.npz", init, reinit_head=True)  # fine-tune with a new head
+
+Sources: a vit_jax or big_vision `.npz` (any published layout), or a native
+orbax checkpoint directory.  The key diff is strict: every missing,
+unexpected or mis-shaped parameter is listed unless a `dont_load` regular
+expression keeps the model's own value for it.  A position embedding for a
+different patch grid is resized (see `posemb.resize_posemb`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from vit_jax.interop import common, npz
+from vit_jax.interop.posemb import resize_posemb, square_grid
+from vit_jax.interop.tree import merge_params
+
+HEAD_PATTERNS = ("^head/", "^head_dist/")
+
+
+def load_params(path: str | os.PathLike, *, scan: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+  """`(params, config)` from an `.npz` file or a native checkpoint directory.
+
+  `config` is the checkpoint's saved config (native) or `{"model": settings}`
+  inferred from the weights (`.npz`).
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    from vit_jax import checkpoint
+    params, config = checkpoint.load(path)
+    params = common.scanned(params) if scan else common.unrolled(params)
+    return params, config
+  params = npz.load_npz(path, scan=scan)
+  return params, {"model": common.infer_settings(params)}
+
+
+def _prefix_count(tree: Mapping[str, Any]) -> int:
+  return int("cls" in tree) + int("dist_token" in tree)
+
+
+def adapt_posemb(loaded: Mapping[str, Any], init: Mapping[str, Any], *, mode: str = "vit_jax",
+                 grid: Sequence[int] | None = None, source_grid: Sequence[int] | None = None) -> dict[str, Any]:
+  """`loaded` with its position embedding resized to `init`'s, when the shapes differ.
+
+  `grid` / `source_grid`: (rows, columns) of the model's / checkpoint's patch
+  grid (default: square).  Prefix rows are taken from the checkpoint as far as
+  it has them; extra ones (e.g. a new distillation token) come from `init`.
+  """
+  try:
+    old = loaded["Transformer"]["posembed_input"]["pos_embedding"]
+    new = init["Transformer"]["posembed_input"]["pos_embedding"]
+  except KeyError:
+    return dict(loaded)
+  if np.shape(old) == np.shape(new):
+    return dict(loaded)
+  n_old, n_new = _prefix_count(loaded), _prefix_count(init)
+  grid = tuple(grid) if grid is not None else square_grid(np.shape(new)[1] - n_new, "model's position embedding")
+  resized = resize_posemb(old, grid, num_prefix_tokens=n_old, source_grid=source_grid, mode=mode)
+  keep = min(n_old, n_new)
+  resized = np.concatenate([resized[:, :keep], np.asarray(new)[:, keep:n_new].astype(resized.dtype),
+                            resized[:, n_old:]], axis=1)
+  logging.info("Resized the position embedding %s -> %s (%s mode).", np.shape(old), resized.shape, mode)
+  out = {k: v for k, v in loaded.items()}
+  out["Transformer"] = dict(loaded["Transformer"], posembed_input={"pos_embedding": resized})
+  return out
+
+
+def load_pretrained(source: str | os.PathLike | Mapping[str, Any], init_params: Mapping[str, Any], *,
+                    dont_load: Iterable[str] | str = (), reinit_head: bool = False,
+                    posemb_resize: str | None = "vit_jax", grid: Sequence[int] | None = None,
+                    source_grid: Sequence[int] | None = None) -> dict[str, Any]:
+  """`init_params` with every value taken from the checkpoint `source` (a path or a loaded tree).
+
+  reinit_head: keep the model's freshly initialised `head` (and `head_dist`),
+    for fine-tuning on new classes.  A checkpoint's `pre_logits` that the model
+    does not have must be named in `dont_load` (e.g. `"^pre_logits/"`).
+  posemb_resize: "vit_jax" / "timm" to resize a position embedding for another
+    grid, None to fail on a size mismatch instead.
+  Returns the model's tree (scanned or unrolled) with loaded values as numpy
+  arrays in the model's dtypes and kept values as given in `init_params`.
+  """
+  scan = "encoderblock" in init_params.get("Transformer", {})
+  if isinstance(source, Mapping):
+    loaded = common.scanned(source) if scan else common.unrolled(source)
+  else:
+    loaded, _ = load_params(source, scan=scan)
+  patterns = [dont_load] if isinstance(dont_load, str) else list(dont_load)
+  if reinit_head:
+    patterns += HEAD_PATTERNS
+  if posemb_resize is not None:
+    loaded = adapt_posemb(loaded, init_params, mode=posemb_resize, grid=grid, source_grid=source_grid)
+  what = f"checkpoint {os.fspath(source)!r}" if not isinstance(source, Mapping) else "checkpoint"
+  return merge_params(loaded, init_params, dont_load=patterns, what=what)

@@ -1,0 +1,142 @@
+"""Export to timm: a `state_dict` in safetensors plus timm's `config.json`, in one directory.
+
+The directory is what timm's own hub exports look like, so it loads offline with
+
+    model = timm.create_model("local-dir:OUT", pretrained=True)
+
+or, with the arguments from `config.json`'s "model_args",
+`VisionTransformer(**model_args).load_state_dict(safetensors.torch.load_file("OUT/model.safetensors"), strict=True)`.
+
+Pooling maps to timm's `VisionTransformer` as:
+
+| ours | timm |
+|---|---|
+| pool_type="token" | `class_token=True, global_pool="token"` |
+| pool_type="gap" | `class_token=False, global_pool="avg", fc_norm=False` (norm before the mean) |
+| pool_type="map" | `class_token=False, global_pool="map"` (`attn_pool.*`) |
+| pool_type="none" | `global_pool=""` (head on every token) |
+| distilled=True | `VisionTransformerDistilled` (`deit_*_distilled_*`), `dist_token`, `head_dist` |
+
+timm's ViT has no representation layer (`pre_logits`), no post-norm blocks,
+gated MLPs or conv stem; such models fail with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from vit_jax.interop import common
+from vit_jax.interop.common import contiguous, named, torch_conv, torch_heads_in, torch_heads_out, torch_linear, torch_norm
+
+TIMM_POOL = {"token": "token", "gap": "avg", "map": "map", "none": ""}
+TIMM_ACT = {"gelu": None, "gelu_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
+
+
+def check_supported(settings: Mapping[str, Any]) -> None:
+  common.require(settings, "timm's VisionTransformer", norm=("pre",), stem=("patch",), residual_scale=(1.0,),
+                 activation=tuple(TIMM_ACT), representation_size=(None, 0), layer_norm_eps=(1e-6,))
+  if settings["pool_type"] == "map" and not settings["qkv_bias"]:
+    raise ValueError("timm's VisionTransformer cannot represent this model: its attention-pooling head drops "
+                     "the q/kv biases when qkv_bias=False, ours keeps them.")
+  if settings["mlp_dim"] != int(settings["width"] * (settings["mlp_dim"] / settings["width"])):
+    raise ValueError(f"timm cannot express mlp_dim={settings['mlp_dim']} for width={settings['width']} as an "
+                     "mlp_ratio exactly.")
+
+
+def model_args(settings: Mapping[str, Any], grid: Sequence[int]) -> tuple[str, dict[str, Any]]:
+  """`(architecture, model_args)`: a registered timm model name and the arguments that override it."""
+  s = common.model_settings(settings)
+  check_supported(s)
+  ph, pw = s["patch_size"]
+  args: dict[str, Any] = dict(
+      img_size=[grid[0] * ph, grid[1] * pw], patch_size=ph if ph == pw else [ph, pw], in_chans=s["channels"],
+      num_classes=s["num_classes"] or 0, embed_dim=s["width"], depth=s["depth"], num_heads=s["num_heads"],
+      mlp_ratio=s["mlp_dim"] / s["width"], qkv_bias=bool(s["qkv_bias"]), class_token=s["pool_type"] == "token",
+      global_pool=TIMM_POOL[s["pool_type"]], fc_norm=False, no_embed_class=False,
+      pos_embed="none" if s["posemb"] == "none" else "learn")
+  if s["layer_scale_init"] is not None:
+    args["init_values"] = float(s["layer_scale_init"])
+  if TIMM_ACT[s["activation"]]:
+    args["act_layer"] = TIMM_ACT[s["activation"]]
+  # Registered names whose defaults `args` fully overrides; only the class they build matters.
+  return ("deit_base_distilled_patch16_224" if s["distilled"] else "vit_base_patch16_224"), args
+
+
+def state_dict(params: Mapping[str, Any], settings: Mapping[str, Any],
+               grid: Sequence[int]) -> dict[str, np.ndarray]:
+  """Our tree -> timm `VisionTransformer` / `VisionTransformerDistilled` state dict (float32)."""
+  s = common.model_settings(settings)
+  check_supported(s)
+  p = common.unrolled(params)
+  sd = named("patch_embed.proj", torch_conv(p["embedding"]))
+  if s["pool_type"] == "token":
+    sd["cls_token"] = contiguous(p["cls"])
+  if s["distilled"]:
+    sd["dist_token"] = contiguous(p["dist_token"])
+  if s["posemb"] != "none":
+    sd["pos_embed"] = contiguous(common.explicit_posemb(p, s, grid))
+  for i, blk in enumerate(common.blocks(p)):
+    pre = f"blocks.{i}"
+    sd.update(_attention(f"{pre}.attn", blk["MultiHeadDotProductAttention_0"], fused=True))
+    sd.update(named(f"{pre}.norm1", torch_norm(blk["LayerNorm_0"])))
+    sd.update(named(f"{pre}.norm2", torch_norm(blk["LayerNorm_1"])))
+    sd.update(named(f"{pre}.mlp.fc1", torch_linear(blk["MlpBlock_0"]["Dense_0"])))
+    sd.update(named(f"{pre}.mlp.fc2", torch_linear(blk["MlpBlock_0"]["Dense_1"])))
+    for j in (0, 1):
+      if f"LayerScale_{j}" in blk:
+        sd[f"{pre}.ls{j + 1}.gamma"] = contiguous(blk[f"LayerScale_{j}"]["gamma"])
+  sd.update(named("norm", torch_norm(p["Transformer"]["encoder_norm"])))
+  if s["pool_type"] == "map":
+    head = p["MAPHead_0"]
+    sd["attn_pool.latent"] = contiguous(head["probe"])
+    sd.update(_attention("attn_pool", head["MultiHeadDotProductAttention_0"], fused=False))
+    sd.update(named("attn_pool.norm", torch_norm(head["LayerNorm_0"])))
+    sd.update(named("attn_pool.mlp.fc1", torch_linear(head["MlpBlock_0"]["Dense_0"])))
+    sd.update(named("attn_pool.mlp.fc2", torch_linear(head["MlpBlock_0"]["Dense_1"])))
+  if s["num_classes"]:
+    sd.update(named("head", torch_linear(p["head"])))
+    if s["distilled"]:
+      sd.update(named("head_dist", torch_linear(p["head_dist"])))
+  return sd
+
+
+def _attention(prefix: str, mha: Mapping[str, Any], *, fused: bool) -> dict[str, np.ndarray]:
+  """timm's attention: blocks fuse q, k, v into `qkv`; the pooling head has `q` and a fused `kv`."""
+  q, k, v = (torch_heads_in(mha[n]) for n in ("query", "key", "value"))
+  cat = lambda *ts: {n: contiguous(np.concatenate([t[n] for t in ts])) for n in ts[0]}
+  out = named(f"{prefix}.qkv", cat(q, k, v)) if fused else {**named(f"{prefix}.q", q),
+                                                            **named(f"{prefix}.kv", cat(k, v))}
+  out.update(named(f"{prefix}.proj", torch_heads_out(mha["out"])))
+  return out
+
+
+def save(params: Mapping[str, Any], settings: Mapping[str, Any], out_dir: str | os.PathLike,
+         image_size: Sequence[int] | int | None = None) -> str:
+  """Write `out_dir/{model.safetensors, config.json}`; returns out_dir."""
+  from safetensors.numpy import save_file
+
+  s = common.model_settings(settings)
+  p = common.unrolled(params)
+  grid = common.patch_grid(p, s, image_size)
+  arch, args = model_args(s, grid)
+  sd = state_dict(p, s, grid)
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  c = s["channels"]
+  config = {
+      "architecture": arch, "num_classes": args["num_classes"], "num_features": s["width"],
+      "model_args": args,
+      "pretrained_cfg": {
+          "input_size": [c, *args["img_size"]], "fixed_input_size": True, "interpolation": "bicubic",
+          "crop_pct": 1.0, "crop_mode": "center", "mean": [0.5] * c, "std": [0.5] * c,  # inputs in [-1, 1]
+          "num_classes": args["num_classes"], "first_conv": "patch_embed.proj",
+          "classifier": ["head", "head_dist"] if s["distilled"] else "head"},
+  }
+  save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return out_dir
