@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(PY) main.py
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 -rs --durations=15 $(PYTEST_ARGS)
 
 test-quick: $(STAMP)
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)

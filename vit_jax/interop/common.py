@@ -87,15 +87,21 @@ def explicit_posemb(params: Mapping[str, Any], settings: Mapping[str, Any],
   return np.zeros((1, prefix + grid[0] * grid[1], width), np.float32)
 
 
+def grid_of(settings: Mapping[str, Any], image_size: Sequence[int] | int) -> tuple[int, int]:
+  """The patch grid of `image_size` (int or (h, w)) under the settings' patch size."""
+  ph, pw = settings["patch_size"]
+  h, w = _pair(image_size)
+  if h % ph or w % pw:
+    raise ValueError(f"Image size {h}x{w} is not divisible by the patch size {ph}x{pw}.")
+  return h // ph, w // pw
+
+
 def patch_grid(params: Mapping[str, Any], settings: Mapping[str, Any],
                image_size: Sequence[int] | int | None = None) -> tuple[int, int]:
   """The (rows, columns) patch grid: from the image size, or else from a square position embedding."""
-  ph, pw = settings["patch_size"]
   if image_size is not None:
+    grid = grid_of(settings, image_size)
     h, w = _pair(image_size)
-    if h % ph or w % pw:
-      raise ValueError(f"Image size {h}x{w} is not divisible by the patch size {ph}x{pw}.")
-    grid = (h // ph, w // pw)
     if settings["posemb"] == "learn":
       rows = np.shape(params["Transformer"]["posembed_input"]["pos_embedding"])[1]
       if rows != num_prefix_tokens(settings) + grid[0] * grid[1]:

@@ -99,7 +99,7 @@ def check_against_model(params, settings, grid) -> None:
   if diff:
     raise ParamMismatchError("The weights do not match the model settings "
                              f"{ {k: settings[k] for k in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size', 'pool_type', 'num_classes')} }:\n"
-                             f"{diff.describe()}\nFix the settings with --config.")
+                             f"{diff.describe()}\nFix the settings with --config (the image size with --image_size).")
 
 
 def convert(input_path: str, to: str, output: str, *, config: dict[str, Any] | None = None,
@@ -113,9 +113,9 @@ def convert(input_path: str, to: str, output: str, *, config: dict[str, Any] | N
   settings = common.model_settings(dict(saved.get("model", {}), **(config or {})))
   if image_size is None and saved.get("image_size"):
     image_size = tuple(saved["image_size"])
-  grid = common.patch_grid(params, settings, image_size)
-  settings_scan = dict(settings, scan=False)
-  check_against_model(params, settings_scan, grid)
+  # The grid from the image size alone first, so that wrong settings show up as a key diff.
+  grid = common.grid_of(settings, image_size) if image_size else common.patch_grid(params, settings)
+  check_against_model(params, dict(settings, scan=False), grid)
 
   if to == "vit_jax_npz":
     npz.save_npz(output, params, layout="vit_jax", settings=settings, image_size=image_size)

@@ -51,9 +51,10 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise CheckpointError(f"No checkpoint file at {path!r}.")
   try:
-    with np.load(path, allow_pickle=False) as f:
-      if not isinstance(f, np.lib.npyio.NpzFile):
-        raise CheckpointError(f"{path!r} holds a single array, not an .npz archive of named parameters.")
+    f = np.load(path, allow_pickle=False)
+    if not isinstance(f, np.lib.npyio.NpzFile):
+      raise CheckpointError(f"{path!r} holds a single array, not an .npz archive of named parameters.")
+    with f:
       flat = {k: f[k] for k in f.files}
   except CheckpointError:
     raise

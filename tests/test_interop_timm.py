@@ -1,0 +1,109 @@
+"""Export to timm: `.npz` through timm's `_load_weights`, and the state dict with `strict=True`.
+
+timm needs torchvision, whose only builds here are CUDA ones, so these tests
+run in their own environment: `make test-timm`.  Elsewhere they skip.
+"""
+
+import numpy as np
+import pytest
+
+from tests.helpers import random_params
+from vit_jax.interop import npz, resize_posemb, timm_export
+from vit_jax.models.vit import VisionTransformer
+
+timm = pytest.importorskip(
+    "timm", reason="timm is not installed; `make test-timm` runs these in an environment with the torch stack "
+    "timm needs (torchvision exists here only as a CUDA build)")
+import torch  # noqa: E402  (timm implies torch)
+from safetensors.torch import load_file  # noqa: E402
+
+pytestmark = [pytest.mark.timm, pytest.mark.slow]
+TOL = 2e-5
+SIZE = dict(num_classes=7, patch_size=8, width=48, depth=3, num_heads=4, mlp_dim=96, activation="gelu")
+IMAGES = np.random.default_rng(4).standard_normal((3, 32, 48, 3)).astype(np.float32)
+IMAGES_T = torch.from_numpy(IMAGES.transpose(0, 3, 1, 2).copy())
+GRID = (4, 6)
+POOLS = [dict(), dict(pool_type="gap"), dict(pool_type="map")]
+POOL_IDS = ["token", "gap", "map"]
+
+
+def ours(**kw):
+  settings = dict(SIZE, **kw)
+  model = VisionTransformer(**settings)
+  params = random_params(model, IMAGES)
+  return settings, params, np.asarray(model.apply({"params": params}, IMAGES)[0])
+
+
+def timm_model(settings, **overrides):
+  arch, args = timm_export.model_args(settings, GRID)
+  return timm.create_model(arch, pretrained=False, **dict(args, **overrides)).eval()
+
+
+def close(want, model):
+  with torch.no_grad():
+    got = model(IMAGES_T).numpy()
+  assert np.max(np.abs(got - want)) <= TOL
+  assert np.std(want) > 0.1
+
+
+def assert_state_matches(model, expected):
+  """Every timm tensor equals what our state-dict exporter produces (`_load_weights` has no report)."""
+  sd = model.state_dict()
+  assert sorted(sd) == sorted(expected)
+  for k, v in expected.items():
+    np.testing.assert_allclose(sd[k].numpy(), v, atol=0, rtol=0, err_msg=k)
+
+
+@pytest.mark.parametrize("prefix", ["", "opt/target/"])
+def test_vit_jax_npz_through_load_weights(tmp_path, prefix):
+  settings, params, want = ours()
+  path = npz.save_npz(tmp_path / "m.npz", params, layout="vit_jax", prefix=prefix)
+  model = timm_model(settings)
+  model.load_pretrained(path)
+  close(want, model)
+  assert_state_matches(model, timm_export.state_dict(params, settings, GRID))
+
+
+@pytest.mark.parametrize("kw", POOLS, ids=POOL_IDS)
+@pytest.mark.parametrize("prefix,scan", [("params/", False), ("", False), ("params/", True)])
+def test_big_vision_npz_through_load_weights(tmp_path, kw, prefix, scan):
+  settings, params, want = ours(**kw)
+  path = npz.save_npz(tmp_path / "m.npz", params, layout="big_vision", prefix=prefix, scan=scan)
+  # big_vision's class token has no position-embedding row: timm's no_embed_class.
+  model = timm_model(settings, no_embed_class=kw.get("pool_type", "token") == "token")
+  model.load_pretrained(path)
+  close(want, model)
+
+
+@pytest.mark.parametrize("kw", POOLS + [dict(pool_type="none"), dict(distilled=True), dict(layer_scale_init=0.1),
+                                        dict(activation="gelu_tanh", qkv_bias=False), dict(posemb="sincos2d"),
+                                        dict(num_classes=None)],
+                         ids=POOL_IDS + ["none", "deit", "layerscale", "tanh-nobias", "sincos", "headless"])
+def test_state_dict_loads_strictly(tmp_path, kw):
+  settings, params, want = ours(**kw)
+  model = timm_model(settings)
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in timm_export.state_dict(params, settings, GRID).items()},
+                        strict=True)
+  close(want, model)  # headless: timm's Identity head returns the pooled features, as ours does
+  # The exported directory is a timm hub folder: create_model reads config.json and the weights.
+  timm_export.save(params, settings, tmp_path / "timm", image_size=(32, 48))
+  reloaded = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+  close(want, reloaded)  # through timm's own loading (checkpoint_filter_fn)
+  reloaded.load_state_dict(load_file(tmp_path / "timm" / "model.safetensors"), strict=True)  # nothing left over
+
+
+def test_posemb_resize_matches_timm_load_weights(tmp_path):
+  """Our "timm" mode equals what timm does when a checkpoint's grid differs (4x4 -> 6x6)."""
+  settings, params, _ = ours()
+  small = VisionTransformer(**settings)
+  params = random_params(small, np.zeros((1, 32, 32, 3), np.float32))
+  path = npz.save_npz(tmp_path / "m.npz", params)
+  arch, args = timm_export.model_args(settings, (6, 6))
+  model = timm.create_model(arch, pretrained=False, **args).eval()
+  model.load_pretrained(path)
+  want = resize_posemb(params["Transformer"]["posembed_input"]["pos_embedding"], (6, 6), num_prefix_tokens=1,
+                       mode="timm")
+  np.testing.assert_allclose(model.pos_embed.detach().numpy(), want, atol=5e-6)
+  other = resize_posemb(params["Transformer"]["posembed_input"]["pos_embedding"], (6, 6), num_prefix_tokens=1,
+                        mode="vit_jax")
+  assert np.max(np.abs(model.pos_embed.detach().numpy() - other)) > 1e-2  # the modes really differ
