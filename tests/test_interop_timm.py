@@ -107,3 +107,23 @@ def test_posemb_resize_matches_timm_load_weights(tmp_path):
   other = resize_posemb(params["Transformer"]["posembed_input"]["pos_embedding"], (6, 6), num_prefix_tokens=1,
                         mode="vit_jax")
   assert np.max(np.abs(model.pos_embed.detach().numpy() - other)) > 1e-2  # the modes really differ
+
+
+def test_vit_b16_through_the_convert_command(tmp_path):
+  """Full size: ViT-B/16 @ 224 (86.6M parameters, tanh GELU as published) from a native checkpoint."""
+  from configs.models import get_config
+  from vit_jax import checkpoint
+  from vit_jax.interop import convert
+
+  settings = get_config("B/16", num_classes=1000).to_dict()
+  model = VisionTransformer(**settings)
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 224, 224, 3)).astype(np.float32)
+  params = random_params(model, images, scale=0.02)
+  want = np.asarray(model.apply({"params": params}, images)[0])
+  checkpoint.save(tmp_path / "work" / "checkpoints", params, config={"model": settings, "image_size": [224, 224]})
+  assert convert.main(["--input", str(tmp_path / "work"), "--to", "timm", "--output", str(tmp_path / "timm")]) == 0
+  ref = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+  with torch.no_grad():
+    got = ref(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  assert np.array_equal(got.argmax(1), want.argmax(1)) and np.std(want) > 0.1
