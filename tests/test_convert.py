@@ -119,3 +119,12 @@ def test_config_spec_parsing(tmp_path):
   assert convert.parse_config("patch_size=(16, 8),activation=gelu") == dict(patch_size=(16, 8), activation="gelu")
   with pytest.raises(ValueError, match="not key=value"):
     convert.parse_config("width")
+
+
+def test_scanned_native_checkpoint_converts(tmp_path):
+  model, params, work = native(tmp_path, scan=True)
+  assert "encoderblock" in params["Transformer"]
+  assert run_cli("--input", work, "--to", "vit_jax_npz", "--output", tmp_path / "m.npz") == 0
+  unrolled = VisionTransformer(**SIZE)
+  got = unrolled.apply({"params": npz.load_npz(tmp_path / "m.npz")}, IMAGES)[0]
+  np.testing.assert_allclose(got, model.apply({"params": params}, IMAGES)[0], atol=2e-5)
