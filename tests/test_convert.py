@@ -128,3 +128,15 @@ def test_scanned_native_checkpoint_converts(tmp_path):
   unrolled = VisionTransformer(**SIZE)
   got = unrolled.apply({"params": npz.load_npz(tmp_path / "m.npz")}, IMAGES)[0]
   np.testing.assert_allclose(got, model.apply({"params": params}, IMAGES)[0], atol=2e-5)
+
+
+def test_package_never_imports_torch(tmp_path):
+  _, _, work = native(tmp_path)
+  code = ("import sys; from vit_jax.interop import convert; "
+          f"assert convert.main(['--input', {work!r}, '--to', 'hf', '--output', {str(tmp_path / 'hf')!r}]) == 0; "
+          "assert convert.main(['--input', " + repr(work) + ", '--to', 'timm', '--output', "
+          + repr(str(tmp_path / 'timm')) + "]) == 0; "
+          "bad = [m for m in ('torch', 'transformers', 'timm') if m in sys.modules]; assert not bad, bad")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=ROOT))
+  assert done.returncode == 0, done.stderr[-2000:]
