@@ -16,7 +16,6 @@ import numpy as np
 from vit_jax.interop.posemb import square_grid
 from vit_jax.models.encoder import scan_to_unrolled, unrolled_to_scan
 
-POSEMB_KEY = ("Transformer", "posembed_input", "pos_embedding")
 _BLOCK = re.compile(r"^encoderblock_(\d+)$")
 
 
@@ -63,6 +62,11 @@ def host(tree: Mapping[str, Any]) -> dict[str, Any]:
   return {k: host(v) if isinstance(v, Mapping) else np.asarray(v) for k, v in tree.items()}
 
 
+def learned_posemb(params: Mapping[str, Any]):
+  """`Transformer/posembed_input/pos_embedding`, or None when the tree has no learned table."""
+  return params.get("Transformer", {}).get("posembed_input", {}).get("pos_embedding")
+
+
 def blocks(params: Mapping[str, Any]) -> list[dict[str, Any]]:
   """The encoder blocks of an unrolled tree, in order."""
   tr = params["Transformer"]
@@ -81,7 +85,7 @@ def explicit_posemb(params: Mapping[str, Any], settings: Mapping[str, Any],
 
   prefix, width = num_prefix_tokens(settings), settings["width"]
   if settings["posemb"] == "learn":
-    return np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
+    return np.asarray(learned_posemb(params))
   if settings["posemb"] == "sincos2d":
     return np.asarray(posemb_sincos_2d(grid[0], grid[1], width, prefix_tokens=prefix))
   return np.zeros((1, prefix + grid[0] * grid[1], width), np.float32)
@@ -103,7 +107,7 @@ def patch_grid(params: Mapping[str, Any], settings: Mapping[str, Any],
     grid = grid_of(settings, image_size)
     h, w = _pair(image_size)
     if settings["posemb"] == "learn":
-      rows = np.shape(params["Transformer"]["posembed_input"]["pos_embedding"])[1]
+      rows = np.shape(learned_posemb(params))[1]
       if rows != num_prefix_tokens(settings) + grid[0] * grid[1]:
         raise ValueError(f"Image size {h}x{w} gives a {grid[0]}x{grid[1]} patch grid, but the position "
                          f"embedding has {rows} rows ({num_prefix_tokens(settings)} prefix tokens): give the "
@@ -112,7 +116,7 @@ def patch_grid(params: Mapping[str, Any], settings: Mapping[str, Any],
   if settings["posemb"] != "learn":
     raise ValueError("The model has no learned position embedding, so the image size cannot be read from "
                      "the weights: give it explicitly (image_size / --image_size).")
-  rows = np.shape(params["Transformer"]["posembed_input"]["pos_embedding"])[1]
+  rows = np.shape(learned_posemb(params))[1]
   return square_grid(rows - num_prefix_tokens(settings))
 
 
@@ -141,8 +145,8 @@ def infer_settings(params: Mapping[str, Any]) -> dict[str, Any]:
         p["stem"][convs[0]]["kernel"].shape[2]), patch_size=(2 * int(kh), 2 * int(kw)))
   s["pool_type"] = "token" if "cls" in p else "map" if "MAPHead_0" in p else "gap"
   s["distilled"] = "dist_token" in p
-  s["posemb"] = "learn" if "posembed_input" in p["Transformer"] else "sincos2d"
-  if "pre_logits" in p and "kernel" in p.get("pre_logits", {}):
+  s["posemb"] = "learn" if learned_posemb(p) is not None else "sincos2d"
+  if "kernel" in p.get("pre_logits", {}):
     s["representation_size"] = int(p["pre_logits"]["kernel"].shape[1])
   s["num_classes"] = int(p["head"]["kernel"].shape[1]) if "head" in p else None
   if "LayerScale_0" in bl[0]:

@@ -53,12 +53,8 @@ def adapt_posemb(loaded: Mapping[str, Any], init: Mapping[str, Any], *, mode: st
   grid (default: square).  Prefix rows are taken from the checkpoint as far as
   it has them; extra ones (e.g. a new distillation token) come from `init`.
   """
-  try:
-    old = loaded["Transformer"]["posembed_input"]["pos_embedding"]
-    new = init["Transformer"]["posembed_input"]["pos_embedding"]
-  except KeyError:
-    return dict(loaded)
-  if np.shape(old) == np.shape(new):
+  old, new = common.learned_posemb(loaded), common.learned_posemb(init)
+  if old is None or new is None or np.shape(old) == np.shape(new):
     return dict(loaded)
   n_old, n_new = _prefix_count(loaded), _prefix_count(init)
   grid = tuple(grid) if grid is not None else square_grid(np.shape(new)[1] - n_new, "model's position embedding")
