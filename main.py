@@ -1,13 +1,49 @@
-"""vit_jax entry point: `python main.py --config configs/<task>.py:<args> --workdir DIR`."""
+"""Train and evaluate a model from a config file.
 
+    python main.py                                   # the demo: a small ViT on the bundled digits
+    python main.py --config configs/vit.py:variant=Ti/16,dataset=cifar10 --workdir workdirs/ti16
+    python main.py --config configs/vit.py --config.optim.lr=1e-3 --config.total_steps=2000 --workdir DIR
+
+Rerunning the same command resumes from the newest checkpoint in --workdir.
+On several hosts (a TPU pod slice, a multi-node GPU job) run the same command on
+every host with --distributed (see the README).
+"""
+
+import os
 import sys
 
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-def main() -> int:
-  print("vit_jax: the trainer is not built yet. The model core is ready: "
-        "`python -c \"from configs.models import create_model; print(create_model('Ti/16'))\"`.")
-  return 0
+ROOT = os.path.dirname(os.path.abspath(__file__))
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "vit.py"),
+                                          "Config file, optionally with arguments: configs/vit.py:variant=B/16",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", os.path.join(ROOT, "workdirs", "demo"),
+                               "Checkpoints, metrics.jsonl, TensorBoard events and the resolved config go here.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  sys.path.insert(0, ROOT)
+  if not flags.FLAGS["verbosity"].present:  # library INFO chatter off; the progress line is printed
+    logging.set_verbosity(logging.WARNING)
+  from vit_jax import runtime
+  runtime.tune_xla_cpu()
+  from vit_jax.interop.tree import CheckpointError
+  from vit_jax.train import sharding, trainer
+
+  sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+  try:
+    final = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, CheckpointError, trainer.NonFiniteLossError) as e:
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
+  if final:  # the last line: what a script or a reader looks for
+    print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()) + f" (workdir {_WORKDIR.value})")
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

@@ -1,0 +1,149 @@
+"""Input pipeline: bundled digits, TFDS by name (mock data), image folders, sharding, resumable state,
+padded evaluation, preprocessing ops and on-device mixing."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax.data import input_pipeline, mixing, preprocess
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def test_digits_are_the_real_scikit_learn_digits(data_dir):
+  from sklearn.datasets import load_digits
+  train = input_pipeline.get_source("digits", "train", data_dir)
+  test = input_pipeline.get_source("digits", "test", data_dir)
+  assert (len(train), len(test), train.num_classes) == (1437, 360, 10)
+  x, y = load_digits(return_X_y=True)
+  ex = test.data[0]
+  assert ex["image"].shape == (8, 8, 1) and ex["image"].dtype == np.uint8
+  matches = np.flatnonzero(np.all(np.round(x * 255 / 16) == ex["image"].reshape(-1), axis=1))
+  assert len(matches) and y[matches[0]] == ex["label"]
+
+
+class Indexed:
+  """A source whose example i has label i, to track what the pipeline reads."""
+
+  def __init__(self, n):
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return {"image": np.full((4, 4, 1), i % 256, np.uint8), "label": i}
+
+
+def labels_of(it, steps):
+  return np.concatenate([next(it)["label"] for _ in range(steps)])
+
+
+def test_training_stream_is_sharded_reshuffled_and_resumable():
+  src = input_pipeline.Source(Indexed(40), 40, "indexed")
+  parts = [labels_of(iter(input_pipeline.train_dataset(src, "flip_lr|value_range(-1, 1)", 5, seed=0,
+                                                        process_index=p, process_count=2)), 4) for p in range(2)]
+  assert sorted(np.concatenate(parts)) == list(range(40))  # one epoch: disjoint halves that cover everything
+  assert set(parts[0]) == set(range(0, 40, 2))
+  it = iter(input_pipeline.train_dataset(src, "flip_lr", 5, seed=0))
+  first_epoch = labels_of(it, 8)
+  assert sorted(first_epoch) == list(range(40))
+  state = it.get_state()
+  ahead = labels_of(it, 12)
+  assert not np.array_equal(ahead[:40], first_epoch)  # a new order every epoch
+  resumed = iter(input_pipeline.train_dataset(src, "flip_lr", 5, seed=0))
+  resumed.set_state(state)
+  assert np.array_equal(labels_of(resumed, 12), ahead)
+
+
+@pytest.mark.parametrize("batch", [7, 360, 512])
+def test_evaluation_pads_and_masks_instead_of_dropping(data_dir, batch):
+  src = input_pipeline.get_source("digits", "test", data_dir)
+  batches = list(input_pipeline.eval_batches(src, "value_range(-1, 1)", batch))
+  assert all(b["image"].shape == (batch, 8, 8, 1) for b in batches)
+  mask = np.concatenate([b["mask"] for b in batches])
+  assert mask.sum() == 360 and len(batches) == -(-360 // batch)
+  labels = np.concatenate([b["label"] for b in batches])[mask > 0]
+  assert np.array_equal(labels, [src.data[i]["label"] for i in range(360)])
+  # Two processes: same number of batches each, every example exactly once.
+  halves = [list(input_pipeline.eval_batches(src, "value_range(-1, 1)", batch, process_index=p, process_count=2))
+            for p in range(2)]
+  assert len(halves[0]) == len(halves[1])
+  assert sum(b["mask"].sum() for h in halves for b in h) == 360
+
+
+def test_tfds_dataset_by_name_with_mock_data():
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=24):
+    src = input_pipeline.get_source("mnist", "train")
+    assert (len(src), src.num_classes) == (24, 10)
+    it = iter(input_pipeline.train_dataset(src, "decode|resize(16)|value_range(-1, 1)", 8, seed=0))
+    batch = next(it)
+    assert batch["image"].shape == (8, 16, 16, 1) and batch["image"].dtype == np.float32
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+
+
+def test_unprepared_tfds_dataset_says_how_to_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match="cannot download it.*download_and_prepare"):
+    input_pipeline.get_source("cifar10", "train", str(tmp_path))
+
+
+def write_folder(root, per_class=3):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for c in ("cat", "dog"):
+      os.makedirs(root / split / c)
+      for i in range(per_class):
+        Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def test_image_folder(tmp_path):
+  write_folder(tmp_path)
+  src = input_pipeline.get_source(f"folder:{tmp_path}", "train")
+  assert (len(src), src.num_classes) == (6, 2)
+  batches = list(input_pipeline.eval_batches(input_pipeline.get_source(f"folder:{tmp_path}", "test"),
+                                             "decode|resize(8)|value_range(-1, 1)", 4))
+  assert batches[0]["image"].shape == (4, 8, 8, 3) and sum(b["mask"].sum() for b in batches) == 6
+  with pytest.raises(FileNotFoundError, match="No image folder"):
+    input_pipeline.get_source(f"folder:{tmp_path / 'nope'}", "train")
+
+
+def test_preprocessing_ops():
+  rng = np.random.default_rng(0)
+  image = np.arange(12 * 16 * 3, dtype=np.int64).reshape(12, 16, 3).astype(np.uint8)
+  ex = {"image": image, "label": 1}
+  run = lambda spec, r=None: preprocess.apply(preprocess.parse(spec), ex, r)["image"]
+  assert run("resize(6, 8)").shape == (6, 8, 3)
+  assert np.array_equal(run("central_crop(4, 6)"), image[4:8, 5:11])
+  assert run("inception_crop(10)", rng).shape == (10, 10, 3)
+  out = run("value_range(-1, 1)")
+  assert out.dtype == np.float32 and np.isclose(out.min(), image.min() / 127.5 - 1)
+  flips = {run("flip_lr", np.random.default_rng(s))[0, 0, 0] for s in range(20)}
+  assert flips == {image[0, 0, 0], image[0, -1, 0]}
+  shifted = run("random_crop_pad(2)", rng)
+  assert shifted.shape == image.shape
+  with pytest.raises(ValueError, match="Unknown preprocessing op 'rotate"):
+    preprocess.parse("decode|rotate(10)")
+  with pytest.raises(ValueError, match="is random"):
+    run("flip_lr")
+
+
+def test_mixup_and_cutmix_conserve_label_mass():
+  rng = jax.random.key(0)
+  images = jax.random.normal(rng, (6, 8, 8, 3))
+  labels = jax.nn.one_hot(jnp.arange(6) % 3, 3)
+  for fn in (lambda r: mixing.mixup(r, images, labels, 0.4), lambda r: mixing.cutmix(r, images, labels, 1.0),
+             lambda r: mixing.mix(r, images, labels, mixup_alpha=0.2, cutmix_alpha=1.0)):
+    x, y = fn(jax.random.key(3))
+    assert x.shape == images.shape and np.allclose(y.sum(-1), 1.0)
+  # CutMix: the label weight of the pasted image equals the pasted area.
+  x, y = mixing.cutmix(jax.random.key(5), images, labels, 1.0)
+  pasted = np.mean(np.any(np.asarray(x) != np.asarray(images), axis=-1)[0])
+  assert np.isclose(float(y[0, int(jnp.argmax(labels[-1]))]), pasted, atol=1e-6)

@@ -1,0 +1,138 @@
+"""Datasets -> deterministic, per-process sharded, resumable batches (grain).
+
+Sources (all random access, so any example can be read by index):
+  * "digits": scikit-learn's bundled digits, prepared offline on first use (`digits.py`);
+  * "folder:/path": image folders `/path/{train,test}/<class>/*.{jpg,jpeg,png}`;
+  * any other name: a TFDS dataset already prepared in `data_dir` (array_record),
+    read with `tfds.data_source`, e.g. "cifar10", "imagenet2012", "oxford_iiit_pet".
+
+Training: the split is sharded by process (each host reads only its part),
+shuffled with a new order every epoch, preprocessed with a per-example random
+stream, and batched.  The iterator's state (`get_state()`) is a small dict that
+the checkpoint stores, so a resumed run sees exactly the batches it would have.
+
+Evaluation never drops an example: the last batch is padded and carries a
+`mask` (1 = real example).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator
+
+import grain.python as grain
+import numpy as np
+
+from vit_jax.data import preprocess
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+@dataclasses.dataclass
+class Source:
+  data: Any                      # random access: len(data), data[i] -> {"image", "label"}
+  num_classes: int
+  name: str
+
+  def __len__(self) -> int:
+    return len(self.data)
+
+
+class ImageFolder:
+  """`root/<class>/*.jpg` as a random-access source; classes are the sorted sub-directory names."""
+
+  def __init__(self, root: str, classes: list[str] | None = None):
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f"No image folder at {root!r}: expected {root}/<class>/*.jpg.")
+    self.classes = classes or sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    self.files = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
+                  for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not self.files:
+      raise FileNotFoundError(f"No {'/'.join(IMAGE_EXTENSIONS)} images under {root!r}/<class>/.")
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    path, label = self.files[i]
+    with open(path, "rb") as f:
+      return {"image": f.read(), "label": label}
+
+
+def get_source(name: str, split: str, data_dir: str | None = None) -> Source:
+  """The named dataset's split as a random-access `Source` (see the module docstring)."""
+  if name.startswith("folder:"):
+    root = name[len("folder:"):]
+    train = ImageFolder(os.path.join(root, "train"))
+    data = train if split == "train" else ImageFolder(os.path.join(root, split), train.classes)
+    return Source(data, len(train.classes), name)
+  import tensorflow_datasets as tfds
+
+  if name == "digits":
+    from vit_jax.data import digits
+    digits.prepare(data_dir)
+    name = digits.NAME
+  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    data = builder.as_data_source(split=split)  # never downloads (tfds.data_source would try)
+  except Exception as e:  # not prepared, unknown split, unreadable files: say which and how to fix
+    splits = sorted(builder.info.splits) if builder.is_prepared() else []
+    if splits and split not in splits:
+      raise ValueError(f"{name!r} has no split {split!r}: choose one of {splits}.") from None
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} (split {split!r}) cannot be read from {builder.data_dir!r} ({type(e).__name__}), "
+        "and this machine cannot download it. Prepare it where there is network access with "
+        f"tfds.builder({name!r}).download_and_prepare(file_format='array_record') and copy the directory, or "
+        "set config.data.data_dir.") from None
+  return Source(data, builder.info.features["label"].num_classes, name)
+
+
+class _Preprocess(grain.RandomMapTransform):
+  def __init__(self, spec: str):
+    self.ops = preprocess.parse(spec)
+
+  def random_map(self, example, rng):
+    return preprocess.apply(self.ops, example, rng)
+
+
+class _Select(grain.MapTransform):
+  def map(self, example):
+    return {"image": np.asarray(example["image"], np.float32), "label": np.int32(example["label"])}
+
+
+def train_dataset(source: Source, pp: str, batch_size: int, *, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
+  """An endless, shuffled, augmented stream of `batch_size` batches for this process."""
+  if len(source) < process_count:
+    raise ValueError(f"{source.name} has {len(source)} examples for {process_count} processes.")
+  ds = grain.MapDataset.source(source.data)[process_index::process_count]
+  ds = ds.shuffle(seed=seed).repeat(None)
+  ds = ds.random_map(_Preprocess(pp), seed=seed + 1).map(_Select())
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+
+
+def eval_batches(source: Source, pp: str, batch_size: int, *, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Every example of this process's shard once, in order, in `batch_size` batches with a `mask`.
+
+  All processes yield the same number of batches (the shards differ by at
+  most one example), as a multi-host evaluation needs.
+  """
+  ops = preprocess.parse(pp)
+  n = len(source)
+  per_process = -(-n // process_count)
+  indices = list(range(process_index, n, process_count))
+  for start in range(0, per_process, batch_size):
+    chunk = indices[start:start + batch_size]
+    examples = [_Select().map(preprocess.apply(ops, dict(source.data[i]), None)) for i in chunk]
+    if not examples:  # this process ran out first: a fully masked batch keeps the hosts in step
+      probe = _Select().map(preprocess.apply(ops, dict(source.data[0]), None))
+      examples, mask = [probe], [0]
+    else:
+      mask = [1] * len(examples)
+    pad = batch_size - len(examples)
+    images = np.stack([e["image"] for e in examples] + [np.zeros_like(examples[0]["image"])] * pad)
+    labels = np.array([e["label"] for e in examples] + [0] * pad, np.int32)
+    yield {"image": images, "label": labels, "mask": np.array(mask + [0] * pad, np.float32)}

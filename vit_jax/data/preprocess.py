@@ -1,0 +1,162 @@
+"""Per-example preprocessing ops, written as a pipeline string (big_vision style).
+
+    pp = "decode|inception_crop(224)|flip_lr|value_range(-1, 1)"
+
+Each op maps an example dict (`image`: HWC uint8 array or encoded bytes,
+`label`) to a new one.  Random ops draw from a `numpy.random.Generator` that
+grain derives from the seed and the example's position, so a pipeline is
+deterministic and resumable.
+
+| op | effect |
+|---|---|
+| `decode` | encoded JPEG/PNG bytes -> HWC uint8 (arrays pass through) |
+| `resize(h[, w])` | bilinear resize |
+| `central_crop(h[, w])` | center crop |
+| `inception_crop(size, area_min=5, area_max=100)` | random area (%) and aspect ratio in [3/4, 4/3] crop, resized to size |
+| `random_crop_pad(pad)` | pad by `pad` pixels (edge value 0) and crop back to the original size: small shifts |
+| `flip_lr` | random horizontal flip |
+| `value_range(vmin, vmax)` | uint8 0..255 -> float32 in [vmin, vmax] |
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import math
+import re
+from typing import Any, Callable
+
+import numpy as np
+
+Example = dict[str, Any]
+_OP = re.compile(r"^\s*(\w+)\s*(?:\((.*)\))?\s*$")
+
+
+def _pil(image: np.ndarray):
+  from PIL import Image
+  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def _from_pil(img, channels: int) -> np.ndarray:
+  a = np.asarray(img)
+  return a[..., None] if a.ndim == 2 else a[..., :channels]
+
+
+def _size(h, w=None) -> tuple[int, int]:
+  return int(h), int(h if w is None else w)
+
+
+def decode(example: Example, rng=None) -> Example:
+  image = example["image"]
+  if isinstance(image, (bytes, np.bytes_)):
+    from PIL import Image
+    img = Image.open(io.BytesIO(image))
+    image = np.asarray(img.convert("L" if img.mode in ("L", "1") else "RGB"))
+    image = image[..., None] if image.ndim == 2 else image
+  return dict(example, image=np.asarray(image))
+
+
+def resize(h, w=None):
+  size = _size(h, w)
+
+  def op(example, rng=None):
+    from PIL import Image
+    image = example["image"]
+    if image.shape[:2] == size:
+      return example
+    img = _pil(image).resize((size[1], size[0]), Image.BILINEAR)
+    return dict(example, image=_from_pil(img, image.shape[-1]))
+  return op
+
+
+def central_crop(h, w=None):
+  size = _size(h, w)
+
+  def op(example, rng=None):
+    image = example["image"]
+    top, left = (image.shape[0] - size[0]) // 2, (image.shape[1] - size[1]) // 2
+    if top < 0 or left < 0:
+      raise ValueError(f"central_crop{size} of an image of shape {image.shape}: resize first.")
+    return dict(example, image=image[top:top + size[0], left:left + size[1]])
+  return op
+
+
+def inception_crop(size, area_min=5, area_max=100):
+  out = _size(size)
+
+  def op(example, rng):
+    image = example["image"]
+    h, w = image.shape[:2]
+    for _ in range(10):
+      area = h * w * rng.uniform(area_min, area_max) / 100.0
+      ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+      ch, cw = int(round(math.sqrt(area / ratio))), int(round(math.sqrt(area * ratio)))
+      if 0 < ch <= h and 0 < cw <= w:
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        break
+    else:  # fall back to the largest central crop
+      ch = cw = min(h, w)
+      top, left = (h - ch) // 2, (w - cw) // 2
+    crop = dict(example, image=image[top:top + ch, left:left + cw])
+    return resize(*out)(crop)
+  return op
+
+
+def random_crop_pad(pad):
+  pad = int(pad)
+
+  def op(example, rng):
+    image = example["image"]
+    h, w = image.shape[:2]
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    top, left = rng.integers(0, 2 * pad + 1, size=2)
+    return dict(example, image=padded[top:top + h, left:left + w])
+  return op
+
+
+def flip_lr(example, rng):
+  if rng.random() < 0.5:
+    example = dict(example, image=example["image"][:, ::-1])
+  return example
+
+
+def value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0):
+  def op(example, rng=None):
+    x = np.asarray(example["image"], np.float32)
+    x = (x - in_min) / (in_max - in_min) * (vmax - vmin) + vmin
+    return dict(example, image=x)
+  return op
+
+
+OPS: dict[str, Callable] = {
+    "decode": lambda: decode, "resize": resize, "central_crop": central_crop, "inception_crop": inception_crop,
+    "random_crop_pad": random_crop_pad, "flip_lr": lambda: flip_lr, "value_range": value_range,
+}
+RANDOM_OPS = {"inception_crop", "random_crop_pad", "flip_lr"}
+
+
+def parse(spec: str) -> list[tuple[str, Callable]]:
+  """`"decode|resize(32)|value_range(-1, 1)"` -> [(name, op), ...]; unknown ops list the known ones."""
+  ops = []
+  for part in (p for p in spec.split("|") if p.strip()):
+    m = _OP.match(part)
+    if not m or m.group(1) not in OPS:
+      raise ValueError(f"Unknown preprocessing op {part.strip()!r} in {spec!r}: choose from {sorted(OPS)}.")
+    args = ast.literal_eval(f"({m.group(2)},)") if m.group(2) and m.group(2).strip() else ()
+    ops.append((m.group(1), OPS[m.group(1)](*args)))
+  return ops
+
+
+def is_random(spec: str) -> bool:
+  return any(name in RANDOM_OPS for name, _ in parse(spec))
+
+
+def apply(ops: list[tuple[str, Callable]], example: Example, rng: np.random.Generator | None) -> Example:
+  for name, op in ops:
+    if name in RANDOM_OPS:
+      if rng is None:
+        raise ValueError(f"Op {name!r} is random: use it in a training pipeline (evaluation is deterministic).")
+      example = op(example, rng)
+    else:
+      example = op(example)
+  return example

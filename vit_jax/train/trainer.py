@@ -1,0 +1,247 @@
+"""The trainer: one loop for every task, from one CPU to a TPU pod.
+
+Read it top to bottom: mesh -> input -> model -> optimizer -> sharded init ->
+resume -> update step -> evaluation -> loop.  The same code runs on any number
+of devices and hosts; only `config.mesh` and the launch command change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.checkpoint import settings_to_json
+from vit_jax.data import input_pipeline
+from vit_jax.interop import common as interop_common
+from vit_jax.train import checkpoint as train_checkpoint
+from vit_jax.train import metrics as metrics_lib
+from vit_jax.train import optim, sharding, tasks
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or Inf; training stopped before saving anything from that step on."""
+
+
+def _config_dict(config) -> dict[str, Any]:
+  return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _image_size(config) -> tuple[int, int]:
+  size = config.data.image_size
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Train `config` in `workdir` (resuming whatever is there); returns the final evaluation metrics."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(_config_dict(config), f, indent=2, default=str)
+
+  # ---------------------------------------------------------------- mesh
+  n = config.get("num_devices")
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:n] if n else None)
+  logging.info("Mesh %s over %d devices, %d process(es).", dict(mesh.shape), mesh.size, jax.process_count())
+  # Everything below traces under this mesh and maps the activations' logical axis names onto it.
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
+    return _train(config, workdir, mesh)
+
+
+def _train(config, workdir: str, mesh) -> dict[str, float]:
+  is_main = jax.process_index() == 0
+
+  # ---------------------------------------------------------------- input
+  global_batch = config.batch_size
+  if global_batch % jax.process_count() or global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(f"batch_size={global_batch} must divide evenly over {jax.process_count()} processes and "
+                     f"the {mesh.shape['data'] * mesh.shape['fsdp']} batch shards of the mesh.")
+  local_batch = global_batch // jax.process_count()
+  train_source = input_pipeline.get_source(config.data.name, config.data.train_split, config.data.data_dir)
+  eval_source = input_pipeline.get_source(config.data.name, config.data.eval_split, config.data.data_dir)
+  steps_per_epoch = len(train_source) / global_batch
+  total_steps = optim.to_steps(config, "total", steps_per_epoch=steps_per_epoch, batch_size=global_batch)
+  train_data = input_pipeline.train_dataset(
+      train_source, config.data.pp_train, local_batch, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  # ---------------------------------------------------------------- model
+  task = tasks.get_task(config, train_source.num_classes)
+  h, w = _image_size(config)
+  channels = task.settings.get("channels", 3)
+  dummy = jnp.zeros((local_batch, h, w, channels), jnp.float32)
+
+  # ---------------------------------------------------------------- optimizer
+  variables_shape = jax.eval_shape(task.init, jax.random.key(0), dummy)
+  tx, lr_fn = optim.build(config.optim, variables_shape["params"], total_steps=total_steps,
+                          steps_per_epoch=steps_per_epoch, batch_size=global_batch)
+
+  # ---------------------------------------------------------------- sharded init
+  rules = tuple(tuple(r) for r in (config.get("sharding_rules") or sharding.DEFAULT_RULES))
+  params_sharding = sharding.param_shardings(variables_shape["params"], mesh, rules)
+
+  def init_state(rng):
+    variables = task.init(rng, dummy)
+    params = variables.pop("params")
+    return {"params": params, "extra": variables, "opt_state": tx.init(params), "step": jnp.int32(0),
+            "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
+
+  state_shape = jax.eval_shape(init_state, jax.random.key(config.seed))
+  state_sharding = sharding.tree_shardings(state_shape, variables_shape["params"], params_sharding, mesh)
+  abstract_state = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                          state_shape, state_sharding)
+
+  # ---------------------------------------------------------------- resume / init
+  ckpt = train_checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, keep_every=config.get("keep_every_steps"))
+  saved_config = {"model": settings_to_json(task.settings), "image_size": [h, w]}
+  restored = ckpt.restore_latest(abstract_state)
+  train_iter = iter(train_data)
+  if restored is not None:
+    first_step, state, data_state = restored
+    train_iter.set_state(data_state)
+    logging.info("Resumed from %s at step %d.", ckpt.directory, first_step)
+  else:
+    first_step = 0
+    state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
+    if config.init.get("path"):
+      state = _load_init(config, state, state_sharding)
+
+  # ---------------------------------------------------------------- update step
+  accumulate = int(config.get("accumulate", 1) or 1)
+  if local_batch % accumulate:
+    raise ValueError(f"accumulate={accumulate} must divide the per-process batch {local_batch}.")
+
+  def grads_of(params, extra, batch, rng):
+    (loss, (m, extra)), grads = jax.value_and_grad(task.loss, has_aux=True)(params, extra, batch, rng)
+    return loss, m, extra, grads
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    params, extra = state["params"], state["extra"]
+    if accumulate == 1:
+      loss, m, extra, grads = grads_of(params, extra, batch, rng)
+    else:  # micro-batches in sequence: activation memory of one micro-batch, same update
+      micro = jax.tree_util.tree_map(lambda a: a.reshape(accumulate, -1, *a.shape[1:]), batch)
+
+      def body(carry, xs):
+        extra, acc = carry
+        mb, i = xs
+        loss, m, extra, g = grads_of(params, extra, mb, jax.random.fold_in(rng, i))
+        acc = jax.tree_util.tree_map(lambda a, b: a + b / accumulate, acc, (loss, m, g))
+        return (extra, acc), None
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(grads_of, params, extra, jax.tree_util.tree_map(
+          lambda a: a[0], micro), rng))
+      zeros = (zeros[0], zeros[1], zeros[3])
+      (extra, (loss, m, grads)), _ = jax.lax.scan(body, (extra, zeros), (micro, jnp.arange(accumulate)))
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+    m = dict(m, **{"train/loss": loss, "train/lr": lr_fn(state["step"]),
+                   "train/grad_norm": jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree_util.tree_leaves(grads)))})
+    return {"params": params, "extra": extra, "opt_state": opt_state, "step": state["step"] + 1,
+            "rng": state["rng"]}, m
+
+  replicated = jax.NamedSharding(mesh, jax.P())
+  batch_sharding = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                    out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  eval_fn = jax.jit(lambda params, extra, batch: task.evaluate({"params": params, **extra}, batch),
+                    in_shardings=(params_sharding, state_sharding["extra"], batch_sharding), out_shardings=replicated)
+
+  # ---------------------------------------------------------------- evaluation
+  eval_batch = int(config.get("eval_batch_size") or global_batch) // jax.process_count()
+
+  def evaluate(state) -> dict[str, float]:
+    sums = None
+    for batch in input_pipeline.eval_batches(eval_source, config.data.pp_eval, eval_batch,
+                                             process_index=jax.process_index(), process_count=jax.process_count()):
+      out = eval_fn(state["params"], state["extra"], sharding.put_batch(batch, mesh))
+      sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
+    sums = jax.device_get(sums)
+    count = float(sums["count"])
+    if count != len(eval_source):
+      raise AssertionError(f"Evaluated {count} examples of {len(eval_source)}.")
+    return {"eval/accuracy": float(sums["correct"]) / count, "eval/loss": float(sums["loss"]) / count}
+
+  # ---------------------------------------------------------------- loop
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  progress = metrics_lib.Progress(total_steps, first_step, enabled=is_main)
+  log_every = optim.to_steps(config, "log", steps_per_epoch=steps_per_epoch, batch_size=global_batch, default=50)
+  eval_every = optim.to_steps(config, "eval", steps_per_epoch=steps_per_epoch, batch_size=global_batch,
+                              default=total_steps)
+  ckpt_every = optim.to_steps(config, "checkpoint", steps_per_epoch=steps_per_epoch, batch_size=global_batch,
+                              default=total_steps)
+  final: dict[str, float] = {}
+  pending, tic, seen = None, time.perf_counter(), 0
+  checked_shape = False
+  try:
+    for step in range(first_step + 1, total_steps + 1):
+      batch = next(train_iter)
+      if not checked_shape:
+        _check_batch(batch, (local_batch, h, w, channels))
+        checked_shape = True
+      state, m = step_fn(state, sharding.put_batch(batch, mesh))
+      seen += global_batch
+      if pending is not None:  # check the previous step's loss while this one runs
+        _check_finite(*pending)
+      pending = (step, m["train/loss"])
+      if step % log_every == 0 or step == total_steps:
+        m = jax.device_get(m)
+        _check_finite(step, m["train/loss"])
+        toc = time.perf_counter()
+        m["perf/img_per_sec"] = seen / (toc - tic)
+        tic, seen = toc, 0
+        writer.write(step, m)
+        progress.update(step, m)
+      if step % ckpt_every == 0 or step == total_steps:
+        _check_finite(*pending)
+        ckpt.save(step, state, train_iter.get_state(), saved_config)
+      if step % eval_every == 0 or step == total_steps:
+        final = evaluate(state)
+        writer.write(step, final)
+        if is_main:
+          print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()), flush=True)
+    if first_step >= total_steps:
+      final = evaluate(state)
+  finally:
+    ckpt.close()
+    writer.close()
+  return final
+
+
+def _check_finite(step: int, loss) -> None:
+  loss = float(loss)
+  if not math.isfinite(loss):
+    raise NonFiniteLossError(f"The training loss is {loss} at step {step}: stopping without saving. The last good "
+                             "checkpoint is kept; lower the learning rate or enable clip_norm, then rerun to resume.")
+
+
+def _check_batch(batch: Mapping[str, np.ndarray], expected: tuple[int, ...]) -> None:
+  got = tuple(batch["image"].shape)
+  if got != expected:
+    raise ValueError(f"The input pipeline gives images of shape {got} but the model expects {expected} "
+                     "(batch, height, width, channels): fix config.data.image_size / pp_train or the model's "
+                     "channels.")
+
+
+def _load_init(config, state, state_sharding):
+  """Start from `config.init.path` (our checkpoint or a published .npz): head reset, posemb resized."""
+  from vit_jax.interop import load_pretrained
+
+  init = config.init
+  h, w = _image_size(config)
+  ph, pw = interop_common.model_settings(dict(config.model))["patch_size"]
+  params = load_pretrained(init.path, jax.device_get(state["params"]), dont_load=list(init.get("dont_load") or ()),
+                           reinit_head=bool(init.get("reinit_head", True)),
+                           posemb_resize=init.get("posemb_resize", "vit_jax"), grid=(h // ph, w // pw))
+  logging.info("Initialised from %s.", init.path)
+  params = jax.device_put(params, state_sharding["params"])
+  return dict(state, params=params)
