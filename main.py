@@ -16,9 +16,24 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "vit.py"),
-                                          "Config file, optionally with arguments: configs/vit.py:variant=B/16",
-                                          lock_config=True)
+
+
+def _one_line(e: Exception) -> str:
+  """An error from flag or config parsing as one line (the innermost message, no traceback)."""
+  text = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
+  if "Traceback" in text:
+    text = text.rsplit("Error: ", 1)[-1]
+  if len(text) > 1 and text[0] == text[-1] == "'":  # a KeyError's repr quotes the whole message
+    text = text[1:-1]
+  return text
+
+
+try:  # config_flags already parses --config.* overrides here, at definition time
+  _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "vit.py"),
+                                            "Config file, optionally with arguments: configs/vit.py:variant=B/16",
+                                            lock_config=True)
+except (AttributeError, KeyError, TypeError, ValueError) as e:
+  sys.exit(f"error: bad command-line flag: {_one_line(e)}")
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join(ROOT, "workdirs", "demo"),
                                "Checkpoints, metrics.jsonl, TensorBoard events and the resolved config go here.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
@@ -45,5 +60,13 @@ def main(argv):
     print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()) + f" (workdir {_WORKDIR.value})")
 
 
+def parse_flags(argv):
+  """absl's parser, with a bad --config override reported on one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+    sys.exit(f"error: bad command-line flag: {_one_line(e)}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

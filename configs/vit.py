@@ -5,7 +5,7 @@ scikit-learn's bundled digits, fully offline.
 
     python main.py --workdir workdirs/demo
     python main.py --config configs/vit.py:dataset=digits --workdir workdirs/demo   # the same
-  Expected: eval/accuracy ~0.98 on the 360 test digits after 500 steps, about 1 minute on 2 CPU cores.
+  Expected: eval/accuracy ~0.98 on the 360 test digits after 800 steps, about 90 seconds on 2 CPU cores.
 
     python main.py --config configs/vit.py:variant=Ti/16,dataset=cifar10 --workdir workdirs/ti16_cifar10
   Needs cifar10 prepared in the TFDS data dir (array_record).  224 px, AdamW, 10k steps at batch 512:
@@ -61,7 +61,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.pp_train = "random_crop_pad(1)|value_range(-1, 1)"
     c.data.pp_eval = "value_range(-1, 1)"
     c.batch_size, c.eval_batch_size = 64, 128
-    c.total_steps, c.log_steps, c.eval_steps, c.checkpoint_steps = 500, 50, 250, 100
+    c.total_steps, c.log_steps, c.eval_steps, c.checkpoint_steps = 800, 50, 400, 100
+    c.label_smoothing = 0.1
     c.optim.lr = 2e-3
     c.optim.schedule.warmup_steps = 25
     c.optim.schedule.min_lr = 2e-5
@@ -78,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mixup.mixup_alpha = 0.2
   c.model = ml_collections.ConfigDict(c.model)
   c.model.dropout_rate = 0.0
-  c.model.drop_path_rate = 0.0
+  c.model.drop_path_rate = 0.1 if arg.variant == "digits" else 0.0
 
   if arg.runlocal:  # a few steps at small batch and resolution, to check that everything runs
     c.batch_size, c.eval_batch_size = 8, 8

@@ -52,7 +52,7 @@ class MetricWriter:
 class Progress:
   """`step 120/500 (24%) | loss 0.4123 | 1520 img/s | elapsed 0:00:12 | ETA 0:00:38`."""
 
-  def __init__(self, total_steps: int, first_step: int, *, stream=sys.stdout, enabled: bool = True):
+  def __init__(self, total_steps: int, first_step: int, *, stream=None, enabled: bool = True):
     self.total, self.first, self.stream, self.enabled = total_steps, first_step, stream, enabled
     self.start = time.perf_counter()
 
@@ -71,4 +71,4 @@ class Progress:
 
   def update(self, step: int, metrics: Mapping[str, float]) -> None:
     if self.enabled:
-      print(self.line(step, metrics), file=self.stream, flush=True)
+      print(self.line(step, metrics), file=self.stream or sys.stdout, flush=True)

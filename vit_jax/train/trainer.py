@@ -108,7 +108,8 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
   if restored is not None:
     first_step, state, data_state = restored
     train_iter.set_state(data_state)
-    logging.info("Resumed from %s at step %d.", ckpt.directory, first_step)
+    if is_main:
+      print(f"resumed from step {first_step} in {ckpt.directory}", flush=True)
   else:
     first_step = 0
     state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
