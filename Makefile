@@ -42,6 +42,7 @@ test-timm: $(TIMM_STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/vit_step.py
+	$(PY) bench/input_pipeline.py
 
 clean:
 	rm -rf $(VENV) $(TIMM_VENV) .pytest_cache

@@ -64,7 +64,7 @@ def parse_flags(argv):
   """absl's parser, with a bad --config override reported on one line instead of a traceback."""
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+  except Exception as e:  # any failure here is a problem with the command line
     sys.exit(f"error: bad command-line flag: {_one_line(e)}")
 
 

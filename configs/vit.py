@@ -16,7 +16,7 @@ scikit-learn's bundled digits, fully offline.
   Fine-tunes a published checkpoint at a new resolution (head reset, position embedding resized).
 
 Any field can be overridden: `--config.optim.lr=1e-3`, `--config.total_steps=2000`,
-`--config.mesh="[('fsdp', -1)]"`.  Unknown names fail with the closest valid ones.
+`--config.mesh="(('fsdp', -1),)"`.  Unknown names fail with the closest valid ones.
 """
 
 from __future__ import annotations
@@ -39,18 +39,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(name=arg.dataset, train_split="train", eval_split="test"))
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
   durations(c, "total", "log", "eval", "checkpoint")
-  c.mesh = [("data", -1)]
+  c.mesh = (("data", -1),)  # tuples, so that --config.mesh="(('fsdp', -1),)" can override them
   c.num_devices = ml_collections.config_dict.placeholder(int)  # use only the first N devices (tests, debugging)
-  c.sharding_rules = ml_collections.config_dict.placeholder(list)
+  c.sharding_rules = ml_collections.config_dict.placeholder(tuple)  # default: sharding.DEFAULT_RULES
+  c.fsdp_min_size = 2 ** 14  # parameters with fewer elements stay replicated under FSDP
   c.accumulate = 1
   c.keep_checkpoints = 3
   c.keep_every_steps = ml_collections.config_dict.placeholder(int)
   c.label_smoothing = 0.0
   c.mixup = dict(mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5)
-  c.init = dict(path=arg.init, dont_load=[], reinit_head=True, posemb_resize="vit_jax")
+  c.init = dict(path=arg.init, dont_load=(), reinit_head=True, posemb_resize="vit_jax")
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.05, clip_norm=1.0, scale_lr_by_batch=False,
-      lr_mults=[], wd_mults=[], frozen=[], schedule=dict(decay="cosine", min_lr=0.0)))
+      lr_mults=(), wd_mults=(), frozen=(), schedule=dict(decay="cosine", min_lr=0.0)))
   c.optim.layer_decay = ml_collections.config_dict.placeholder(float)
   durations(c.optim.schedule, "warmup")
 

@@ -57,6 +57,8 @@ def make_mesh(spec: Sequence[Sequence[Any]] = (("data", -1),), devices=None) -> 
   batch specs can name them all.  Axes are Auto (compiler-propagated) shardings.
   """
   devices = list(jax.devices() if devices is None else devices)
+  if not all(isinstance(a, (tuple, list)) and len(a) == 2 for a in spec):
+    raise ValueError(f"config.mesh must be (axis, size) pairs such as (('data', -1),), got {spec!r}.")
   sizes = dict((str(name), int(size)) for name, size in spec)
   unknown = set(sizes) - set(AXES)
   if unknown:
@@ -107,6 +109,8 @@ def param_spec(shape: Sequence[int], tactics: str, mesh: jax.sharding.Mesh, fsdp
       free = [d for d in np.argsort(shape)[::-1] if spec[d] is None and shape[d] % size == 0]
       if free:
         spec[int(free[0])] = "fsdp"
+  while spec and spec[-1] is None:  # P(None, None) and P() mean the same: use the short form
+    spec.pop()
   return P(*spec)
 
 

@@ -87,7 +87,8 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
 
   # ---------------------------------------------------------------- sharded init
   rules = tuple(tuple(r) for r in (config.get("sharding_rules") or sharding.DEFAULT_RULES))
-  params_sharding = sharding.param_shardings(variables_shape["params"], mesh, rules)
+  params_sharding = sharding.param_shardings(variables_shape["params"], mesh, rules,
+                                             fsdp_min_size=int(config.get("fsdp_min_size", 2 ** 14)))
 
   def init_state(rng):
     variables = task.init(rng, dummy)
