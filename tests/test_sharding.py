@@ -96,3 +96,18 @@ def test_every_mesh_trains_like_one_device(losses, name):
   ref, got = np.array(losses["one_device"]), np.array(losses[name])
   assert len(ref) == 5 and ref[-1] != ref[0]
   np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+  """accumulate=2: two half-batches, one update; the same training as the whole batch at once."""
+  runs = {}
+  for acc in (1, 2):
+    config = tiny(str(tmp_path / "tfds"), **{"total_steps": 4, "log_steps": 1, "checkpoint_steps": 4,
+                                             "eval_steps": 4, "accumulate": acc, "model.stem": "patch",
+                                             "model.drop_path_rate": 0.0})
+    trainer.train_and_evaluate(config, str(tmp_path / f"acc{acc}"))
+    with open(tmp_path / f"acc{acc}" / "metrics.jsonl") as f:
+      runs[acc] = [e["train/loss"] for e in map(json.loads, f) if "train/loss" in e]
+  np.testing.assert_allclose(runs[2], runs[1], rtol=1e-5)
+  assert runs[1][0] != runs[1][-1]

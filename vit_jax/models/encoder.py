@@ -23,6 +23,7 @@ from vit_jax.models.attention import MultiHeadAttention
 
 Array = jax.Array
 Dtype = Any
+ACTIVATION_AXES = ("act_batch", "act_len", "act_emb")
 
 def gelu_exact(x: Array) -> Array:
   """x * Phi(x) with the exact normal CDF, as in timm / Hugging Face.
@@ -245,6 +246,8 @@ class Encoder(nn.Module):
     if posemb is not None:
       x = x + jnp.asarray(posemb, x.dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic)
+    # Logical activation axes: the trainer maps them onto the mesh (a no-op without axis rules).
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
     block_kw = dict(
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, norm=self.norm, dropout_rate=self.dropout_rate,
@@ -276,6 +279,7 @@ class Encoder(nn.Module):
       weights = jnp.stack(weights) if self.return_weights else None
     if self.return_weights:
       out["attention_weights"] = weights
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
     if self.norm == "pre" if self.final_norm is None else self.final_norm:
       x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
