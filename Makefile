@@ -14,11 +14,18 @@ TIMM_STAMP := $(TIMM_VENV)/.installed
 
 .PHONY: demo test test-quick test-timm bench venv clean
 
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# The demo needs only the package; the tests add the PyTorch parity references.
+$(RUNTIME_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
@@ -28,7 +35,7 @@ $(TIMM_STAMP): pyproject.toml constraints-timm.txt
 	$(TIMM_VENV)/bin/python -m pip install --quiet -c constraints-timm.txt -e ".[test,timm]"
 	touch $(TIMM_STAMP)
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(PY) main.py
 
 test: $(STAMP)
