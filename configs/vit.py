@@ -5,7 +5,7 @@ scikit-learn's bundled digits, fully offline.
 
     python main.py --workdir workdirs/demo
     python main.py --config configs/vit.py:dataset=digits --workdir workdirs/demo   # the same
-  Expected: eval/accuracy ~0.98 on the 360 test digits after 800 steps, about 90 seconds on 2 CPU cores.
+  Expected: eval/accuracy ~0.98 on the 360 test digits after 800 steps, about a minute on 2 CPU cores.
 
     python main.py --config configs/vit.py:variant=Ti/16,dataset=cifar10 --workdir workdirs/ti16_cifar10
   Needs cifar10 prepared in the TFDS data dir (array_record).  224 px, AdamW, 10k steps at batch 512:
