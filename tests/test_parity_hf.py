@@ -28,10 +28,26 @@ def perturbed(model, seed=0):
   return model.eval()
 
 
+def hf_block(sd, prefix, width, heads):
+  """One Hugging Face ViT layer (in-memory names under `prefix`) as our encoder block."""
+  L = lambda k: sd[prefix + k].detach().numpy()
+  dh = width // heads
+  qkv = {n: {"kernel": L(f"attention.{hf}_proj.weight").T.reshape(width, heads, dh),
+             "bias": L(f"attention.{hf}_proj.bias").reshape(heads, dh)}
+         for n, hf in (("query", "q"), ("key", "k"), ("value", "v"))}
+  qkv["out"] = {"kernel": L("attention.o_proj.weight").T.reshape(heads, dh, width), "bias": L("attention.o_proj.bias")}
+  return {
+      "LayerNorm_0": {"scale": L("layernorm_before.weight"), "bias": L("layernorm_before.bias")},
+      "MultiHeadDotProductAttention_0": qkv,
+      "LayerNorm_1": {"scale": L("layernorm_after.weight"), "bias": L("layernorm_after.bias")},
+      "MlpBlock_0": {"Dense_0": {"kernel": L("mlp.fc1.weight").T, "bias": L("mlp.fc1.bias")},
+                     "Dense_1": {"kernel": L("mlp.fc2.weight").T, "bias": L("mlp.fc2.bias")}},
+  }
+
+
 def hf_to_ours(sd, prefix, width, heads, depth):
   """Map a Hugging Face ViT/DeiT state dict (in-memory names) to our linen tree."""
   t = lambda k: sd[prefix + k].detach().numpy()
-  dh = width // heads
   params = {
       "embedding": {"kernel": t("embeddings.patch_embeddings.projection.weight").transpose(2, 3, 1, 0),
                     "bias": t("embeddings.patch_embeddings.projection.bias")},
@@ -40,18 +56,7 @@ def hf_to_ours(sd, prefix, width, heads, depth):
                       "encoder_norm": {"scale": t("layernorm.weight"), "bias": t("layernorm.bias")}},
   }
   for i in range(depth):
-    L = lambda k: t(f"layers.{i}.{k}")
-    qkv = {n: {"kernel": L(f"attention.{hf}_proj.weight").T.reshape(width, heads, dh),
-               "bias": L(f"attention.{hf}_proj.bias").reshape(heads, dh)}
-           for n, hf in (("query", "q"), ("key", "k"), ("value", "v"))}
-    qkv["out"] = {"kernel": L("attention.o_proj.weight").T.reshape(heads, dh, width), "bias": L("attention.o_proj.bias")}
-    params["Transformer"][f"encoderblock_{i}"] = {
-        "LayerNorm_0": {"scale": L("layernorm_before.weight"), "bias": L("layernorm_before.bias")},
-        "MultiHeadDotProductAttention_0": qkv,
-        "LayerNorm_1": {"scale": L("layernorm_after.weight"), "bias": L("layernorm_after.bias")},
-        "MlpBlock_0": {"Dense_0": {"kernel": L("mlp.fc1.weight").T, "bias": L("mlp.fc1.bias")},
-                       "Dense_1": {"kernel": L("mlp.fc2.weight").T, "bias": L("mlp.fc2.bias")}},
-    }
+    params["Transformer"][f"encoderblock_{i}"] = hf_block(sd, f"{prefix}layers.{i}.", width, heads)
   return params
 
 

@@ -78,7 +78,7 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
   task = tasks.get_task(config, train_source.num_classes)
   h, w = _image_size(config)
   channels = task.settings.get("channels", 3)
-  dummy = jnp.zeros((local_batch, h, w, channels), jnp.float32)
+  dummy = jnp.zeros((1, h, w, channels), jnp.float32)  # shapes for init; parameters do not depend on the batch
 
   # ---------------------------------------------------------------- optimizer
   variables_shape = jax.eval_shape(task.init, jax.random.key(0), dummy)
@@ -132,7 +132,8 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
     if accumulate == 1:
       loss, m, extra, grads = grads_of(params, extra, batch, rng)
     else:  # micro-batches in sequence: activation memory of one micro-batch, same update
-      micro = jax.tree_util.tree_map(lambda a: a.reshape(accumulate, -1, *a.shape[1:]), batch)
+      # Micro-batch i takes rows i::accumulate, so every device keeps working on its own rows.
+      micro = jax.tree_util.tree_map(lambda a: a.reshape(-1, accumulate, *a.shape[1:]).swapaxes(0, 1), batch)
 
       def body(carry, xs):
         extra, acc = carry

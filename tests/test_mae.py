@@ -1,0 +1,98 @@
+"""MAE against Hugging Face ViTMAEForPreTraining with the same weights and noise, and its pieces."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from vit_jax.models.mae import MaskedAutoencoder, patchify, random_masking, unpatchify
+from vit_jax.models.vit import posemb_sincos_2d
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from tests.test_parity_hf import hf_block, linear  # noqa: E402
+
+SIZE = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, decoder_hidden_size=32,
+            decoder_num_hidden_layers=2, decoder_num_attention_heads=4, decoder_intermediate_size=64, image_size=32,
+            patch_size=8, layer_norm_eps=1e-6, hidden_act="gelu", mask_ratio=0.75)
+
+
+def reference(norm_pix_loss, seed=0):
+  model = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(norm_pix_loss=norm_pix_loss, **SIZE))
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.add_(0.2 * torch.randn_like(p))
+    # The fixed sin-cos tables (HF 5.23 leaves them at zero on construction): the MAE formula.
+    model.vit.embeddings.position_embeddings.copy_(torch.from_numpy(np.asarray(posemb_sincos_2d(4, 4, 48, prefix_tokens=1))))
+    model.decoder.decoder_pos_embed.copy_(torch.from_numpy(np.asarray(posemb_sincos_2d(4, 4, 32, prefix_tokens=1))))
+  return model.eval()
+
+
+def ours_from(model):
+  sd = model.state_dict()
+  t = lambda k: sd[k].detach().numpy()
+  params = {
+      "embedding": {"kernel": t("vit.embeddings.patch_embeddings.projection.weight").transpose(2, 3, 1, 0),
+                    "bias": t("vit.embeddings.patch_embeddings.projection.bias")},
+      "cls": t("vit.embeddings.cls_token"),
+      "Transformer": {"encoder_norm": {"scale": t("vit.layernorm.weight"), "bias": t("vit.layernorm.bias")}},
+      "decoder_embed": linear(sd, "decoder.decoder_embed"),
+      "mask_token": t("decoder.mask_token"),
+      "Decoder": {"encoder_norm": {"scale": t("decoder.decoder_norm.weight"), "bias": t("decoder.decoder_norm.bias")}},
+      "decoder_pred": linear(sd, "decoder.decoder_pred"),
+  }
+  for i in range(2):
+    params["Transformer"][f"encoderblock_{i}"] = hf_block(sd, f"vit.layers.{i}.", 48, 4)
+    params["Decoder"][f"encoderblock_{i}"] = hf_block(sd, f"decoder.decoder_layers.{i}.", 32, 4)
+  return params
+
+
+def model(**kw):
+  return MaskedAutoencoder(patch_size=8, width=48, depth=2, num_heads=4, mlp_dim=96, decoder_width=32,
+                           decoder_depth=2, decoder_heads=4, decoder_mlp_dim=64, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_matches_hugging_face_vitmae(norm_pix_loss):
+  ref = reference(norm_pix_loss)
+  rng = np.random.default_rng(1)
+  images = rng.standard_normal((3, 32, 32, 3)).astype(np.float32)
+  noise = rng.random((3, 16)).astype(np.float32)  # distinct values: argsort ties cannot differ
+  with torch.no_grad():
+    want = ref(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), noise=torch.from_numpy(noise))
+  loss, out = model(norm_pix_loss=norm_pix_loss).apply({"params": ours_from(ref)}, images, noise=noise)
+  assert np.array_equal(np.asarray(out["mask"]), want.mask.numpy())
+  assert np.array_equal(np.asarray(out["ids_restore"]), want.ids_restore.numpy())
+  assert np.max(np.abs(np.asarray(out["pred"]) - want.logits.numpy())) <= 2e-5
+  assert abs(float(loss) - float(want.loss)) <= 1e-6 * max(1.0, abs(float(want.loss)))
+  assert np.std(want.logits.numpy()) > 0.1
+
+
+def test_masking_keeps_the_smallest_noise():
+  noise = jnp.array([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.4, 0.6]])
+  x = jnp.arange(8.0).reshape(2, 4, 1)
+  kept, mask, ids_restore = random_masking(x, 0.5, noise)
+  assert kept[..., 0].tolist() == [[1.0, 3.0], [4.0, 6.0]]
+  assert mask.tolist() == [[1, 0, 1, 0], [0, 1, 0, 1]]
+  assert jnp.take_along_axis(jnp.argsort(noise, 1), ids_restore, 1).tolist() == [[0, 1, 2, 3]] * 2
+
+
+def test_patchify_round_trip_and_order():
+  images = jnp.arange(2 * 8 * 12 * 3, dtype=jnp.float32).reshape(2, 8, 12, 3)
+  patches = patchify(images, 4)
+  assert patches.shape == (2, 6, 48)
+  np.testing.assert_array_equal(patches[0, 1].reshape(4, 4, 3), images[0, :4, 4:8])  # row-major patches
+  np.testing.assert_array_equal(unpatchify(patches, 4, (2, 3), 3), images)
+
+
+def test_defaults_are_the_paper_decoder_and_the_mask_is_random_per_example():
+  m = MaskedAutoencoder(patch_size=4, width=16, depth=1, num_heads=2)
+  assert (m.decoder_width, m.decoder_depth, m.decoder_heads, m.mask_ratio) == (512, 8, 16, 0.75)
+  images = jnp.zeros((2, 16, 16, 3))
+  variables = m.init({"params": jax.random.key(0), "masking": jax.random.key(1)}, images)
+  loss, out = m.apply(variables, images, rngs={"masking": jax.random.key(2)})
+  assert out["mask"].sum(1).tolist() == [12.0, 12.0] and not np.array_equal(out["mask"][0], out["mask"][1])
+  assert "posembed_input" not in variables["params"]["Transformer"]  # fixed tables, not parameters
