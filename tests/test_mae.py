@@ -96,3 +96,31 @@ def test_defaults_are_the_paper_decoder_and_the_mask_is_random_per_example():
   loss, out = m.apply(variables, images, rngs={"masking": jax.random.key(2)})
   assert out["mask"].sum(1).tolist() == [12.0, 12.0] and not np.array_equal(out["mask"][0], out["mask"][1])
   assert "posembed_input" not in variables["params"]["Transformer"]  # fixed tables, not parameters
+
+
+def test_mae_pretraining_runs_in_the_trainer_and_the_loss_falls(tmp_path):
+  import json
+  from configs.mae import get_config
+  from vit_jax.train import trainer
+  c = get_config()
+  c.update(dict(total_steps=60, log_steps=20, eval_steps=60, checkpoint_steps=60, num_devices=1))
+  c.data.data_dir = str(tmp_path / "tfds")
+  final = trainer.train_and_evaluate(c, str(tmp_path / "work"))
+  losses = [e["train/loss"] for e in map(json.loads, open(tmp_path / "work" / "metrics.jsonl")) if "train/loss" in e]
+  assert losses[-1] < 0.8 * losses[0] and 0 < final["eval/loss"] < losses[0]
+
+
+def test_reconstruction_grid(tmp_path):
+  from vit_jax.evaluate import reconstruct
+  m = model(norm_pix_loss=True)
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  params = m.init({"params": jax.random.key(0), "masking": jax.random.key(1)}, images)["params"]
+  rows = reconstruct.reconstructions(m, params, images, rng=jax.random.key(2))
+  mask = np.asarray(m.apply({"params": params}, images, rngs={"masking": jax.random.key(2)})[1]["mask"])
+  visible = np.asarray(unpatchify(np.repeat(1 - mask[..., None], 192, -1), 8, (4, 4), 3)) > 0
+  np.testing.assert_allclose(rows["pasted"][visible], images[visible], atol=1e-6)  # visible patches are the input
+  np.testing.assert_allclose(rows["masked"][visible], images[visible], atol=1e-6)
+  assert not np.allclose(rows["reconstruction"], images)
+  png = reconstruct.save_png(reconstruct.grid_image(rows), str(tmp_path / "grid.png"))
+  from PIL import Image
+  assert Image.open(png).size == (4 * 98 + 2, 2 * 98 + 2)

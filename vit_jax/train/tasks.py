@@ -4,7 +4,8 @@ A task builds the model and provides pure functions:
 
   init(rng, images) -> variables                        {"params", optional "batch_stats"}
   loss(params, extra, batch, rng) -> (loss, (metrics, new_extra))   train mode; extra = batch_stats
-  evaluate(variables, batch) -> per-batch sums          {"loss": sum, "correct": sum, "count": sum}
+  evaluate(variables, batch) -> per-batch sums          {"count": examples, name: sum, ...}; the trainer
+                                                        reports eval/<name> = sum / count
 
 Other tasks (distillation, token labeling, MAE, seq2seq) provide the same three.
 """
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from vit_jax.data import mixing
+from vit_jax.models.mae import MaskedAutoencoder, reconstruction_loss
 from vit_jax.models.vit import VisionTransformer
 
 
@@ -55,10 +57,40 @@ class Classification:
     mask = batch["mask"]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    return {"loss": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+    return {"loss": jnp.sum(losses * mask), "accuracy": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
-TASKS = {"classification": Classification}
+class MaskedPretraining:
+  """MAE pre-training: the reconstruction loss of `MaskedAutoencoder` (labels are not used)."""
+
+  def __init__(self, config: Mapping[str, Any], num_classes: int):
+    del num_classes
+    model = config["model"]
+    self.settings = model.to_dict() if hasattr(model, "to_dict") else dict(model)
+    self.model = MaskedAutoencoder(**self.settings)
+
+  def init(self, rng: jax.Array, images: jax.Array) -> dict[str, Any]:
+    return dict(self.model.init({"params": rng, "masking": rng, "dropout": rng}, images))
+
+  def loss(self, params, extra: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array):
+    r_mask, r_drop = jax.random.split(rng)
+    loss, _ = self.model.apply({"params": params, **extra}, batch["image"], train=True,
+                               rngs={"masking": r_mask, "dropout": r_drop})
+    return loss, ({}, dict(extra))
+
+  def evaluate(self, variables: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Reconstruction loss per example with a fixed masking noise, so evaluations are comparable."""
+    images = batch["image"]
+    b = images.shape[0]
+    grid = (images.shape[1] // self.model.patch_size, images.shape[2] // self.model.patch_size)
+    noise = jax.random.uniform(jax.random.key(0), (b, grid[0] * grid[1]))
+    _, out = self.model.apply(variables, images, noise=noise)
+    per_example = jax.vmap(lambda p, t, m: reconstruction_loss(p[None], t[None], m[None], self.model.norm_pix_loss))(
+        out["pred"], out["target"], out["mask"])
+    return {"loss": jnp.sum(per_example * batch["mask"]), "count": jnp.sum(batch["mask"])}
+
+
+TASKS = {"classification": Classification, "mae": MaskedPretraining}
 
 
 def get_task(config: Mapping[str, Any], num_classes: int):

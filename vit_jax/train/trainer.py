@@ -103,7 +103,8 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
 
   # ---------------------------------------------------------------- resume / init
   ckpt = train_checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, keep_every=config.get("keep_every_steps"))
-  saved_config = {"model": settings_to_json(task.settings), "image_size": [h, w]}
+  saved_config = {"task": config.get("task", "classification"), "model": settings_to_json(task.settings),
+                  "image_size": [h, w]}
   restored = ckpt.restore_latest(abstract_state)
   train_iter = iter(train_data)
   if restored is not None:
@@ -172,7 +173,7 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
     count = float(sums["count"])
     if count != len(eval_source):
       raise AssertionError(f"Evaluated {count} examples of {len(eval_source)}.")
-    return {"eval/accuracy": float(sums["correct"]) / count, "eval/loss": float(sums["loss"]) / count}
+    return {f"eval/{k}": float(v) / count for k, v in sorted(sums.items()) if k != "count"}
 
   # ---------------------------------------------------------------- loop
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
