@@ -4,6 +4,12 @@
   Pre-trains a small MAE (patch 2, 16 patches, 4 visible) on the bundled digits; the evaluation
   reports the reconstruction loss on the test split with a fixed mask. About a minute on 2 CPU cores.
 
+    python main.py --config configs/mae.py:mode=finetune,init=workdirs/mae_digits,split=train[:10%] \
+        --workdir workdirs/mae_digits_ft10
+  Fine-tunes that encoder as a ViT classifier (class token, layer-wise lr decay 0.75, drop path 0.1,
+  label smoothing 0.1) on 10% of the digits labels; without `init` it is the same model from scratch.
+  `mode=linear_probe` freezes the encoder and trains BatchNorm (no affine) + a linear head with LARS.
+
     python main.py --config configs/mae.py:variant=B/16,dataset=imagenet2012 --workdir workdirs/mae_b16
   The paper's recipe: AdamW (0.9, 0.95), weight decay 0.05, lr 1.5e-4 x batch / 256, 40 warmup epochs
   then a half-cycle cosine, 800 epochs at batch 4096, random resized crops of scale (0.2, 1) and flips,
@@ -20,8 +26,13 @@ from configs.models import decode_variant
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = parse_arg(arg, variant="digits", dataset="digits", runlocal=False)
+  a = parse_arg(arg, variant="digits", dataset="digits", runlocal=False, mode="pretrain", init="", split="train")
   c = vit.get_config(f"variant={a.variant},dataset={a.dataset}" + (",runlocal" if a.runlocal else ""))
+  c.data.train_split = a.split
+  if a.mode in ("finetune", "linear_probe"):
+    return _finetune(c, a)
+  if a.mode != "pretrain":
+    raise ValueError(f"Unknown mode {a.mode!r}: choose 'pretrain', 'finetune' or 'linear_probe'.")
   c.task = "mae"
   c.label_smoothing = 0.0
   c.optim.update(dict(name="adamw", b1=0.9, b2=0.95, weight_decay=0.05, lr=1.5e-4, scale_lr_by_batch=True,
@@ -44,4 +55,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_epochs, c.total_steps = 800, None
     c.optim.schedule.warmup_epochs, c.optim.schedule.warmup_steps = 40, None
     c.mixup.mixup_alpha = 0.0
+  return c
+
+
+DECODER = ("^decoder_", "^mask_token$", "^Decoder/")
+
+
+def _finetune(c: ml_collections.ConfigDict, a) -> ml_collections.ConfigDict:
+  """The MAE encoder as a ViT classifier: same names, the fixed sin-cos table, a new head."""
+  pre = get_config(f"variant={a.variant},dataset={a.dataset}").model
+  c.model = ml_collections.ConfigDict(dict(
+      patch_size=pre.patch_size, width=pre.width, depth=pre.depth, num_heads=pre.num_heads, mlp_dim=pre.mlp_dim,
+      channels=pre.get("channels", 3), stem="patch", posemb="sincos2d", pool_type="token", activation="gelu",
+      drop_path_rate=0.1, head_zeroinit=True))
+  c.init.path = a.init
+  c.init.dont_load = DECODER
+  c.init.reinit_head = True
+  c.label_smoothing = 0.1
+  c.optim.layer_decay = 0.75
+  if a.mode == "linear_probe":  # frozen encoder, BatchNorm (no affine) + linear head, LARS
+    c.model.drop_path_rate = 0.0
+    c.model.head_batchnorm = True
+    c.label_smoothing = 0.0
+    c.optim.update(dict(name="lars", lr=0.1, momentum=0.9, weight_decay=0.0, scale_lr_by_batch=True,
+                        frozen=("^(?!head/)",), clip_norm=0.0))
+    c.optim.layer_decay = None
+  if a.variant == "digits" and not a.runlocal:
+    c.total_steps, c.eval_steps, c.checkpoint_steps = 300, 300, 300
   return c

@@ -124,3 +124,30 @@ def test_reconstruction_grid(tmp_path):
   png = reconstruct.save_png(reconstruct.grid_image(rows), str(tmp_path / "grid.png"))
   from PIL import Image
   assert Image.open(png).size == (4 * 98 + 2, 2 * 98 + 2)
+
+
+@pytest.mark.slow
+def test_pretrain_finetune_linear_probe_chain(tmp_path):
+  """MAE pre-training, then fine-tuning and linear probing from its checkpoint, on a tiny config."""
+  import json
+  from configs.mae import get_config
+  from vit_jax import checkpoint
+  from vit_jax.interop.tree import flatten
+  from vit_jax.train import trainer
+  tiny = dict(total_steps=6, log_steps=3, eval_steps=6, checkpoint_steps=6, num_devices=1, batch_size=16)
+  runs = {}
+  for name, arg in (("pre", "runlocal"), ("ft", f"mode=finetune,init={tmp_path / 'pre'},split=train[:10%]"),
+                    ("lp", f"mode=linear_probe,init={tmp_path / 'pre'},split=train[:10%]")):
+    c = get_config(arg)
+    c.update(tiny)
+    c.model.depth = 1
+    c.data.data_dir = str(tmp_path / "tfds")
+    runs[name] = trainer.train_and_evaluate(c, str(tmp_path / name))
+  assert set(runs["pre"]) == {"eval/loss"} and 0 <= runs["ft"]["eval/accuracy"] <= 1
+  pre, lp = flatten(checkpoint.load(tmp_path / "pre")[0]), flatten(checkpoint.load(tmp_path / "lp")[0])
+  for k in lp:  # linear probing moved nothing but the head
+    if k.startswith("head/"):
+      continue
+    assert np.array_equal(lp[k], pre[k]), k
+  assert "Decoder/encoder_norm/scale" in pre and not any(k.startswith("Decoder/") for k in lp)
+  assert json.loads((tmp_path / "lp" / "config.json").read_text())["model"]["head_batchnorm"] is True

@@ -134,6 +134,8 @@ class VisionTransformer(nn.Module):
       the mean of both heads, each also returned in `out`.
     representation_size: Dense + tanh `pre_logits` of that width, or None.
     head_bias_init, head_zeroinit: the head's initialisation.
+    head_batchnorm: BatchNorm without scale and bias before the head (`head_norm`;
+      MAE's linear probing), with batch statistics in the "batch_stats" collection.
     norm, dropout_rate, attention_dropout_rate, drop_path_rate, layer_scale_init,
       residual_scale, activation, qkv_bias, layer_norm_eps, scan, remat_policy,
       attention_impl: see `Encoder`.
@@ -154,6 +156,7 @@ class VisionTransformer(nn.Module):
   representation_size: int | None = None
   head_bias_init: float = 0.0
   head_zeroinit: bool = True
+  head_batchnorm: bool = False
   norm: Literal["pre", "post"] = "pre"
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
@@ -251,6 +254,9 @@ class VisionTransformer(nn.Module):
     else:
       pre = IdentityLayer(name="pre_logits")(pooled)
     out["pre_logits"] = pre
+    if self.head_batchnorm:
+      pre = nn.BatchNorm(use_running_average=not train, use_bias=False, use_scale=False, epsilon=1e-6,
+                         momentum=0.9, dtype=self.dtype, param_dtype=self.param_dtype, name="head_norm")(pre)
     if not self.num_classes:
       out["logits"] = pre
       return pre, out
