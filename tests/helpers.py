@@ -14,14 +14,14 @@ def perturb(tree, rng=0, scale=0.2):
       lambda a: np.asarray(a) + scale * rng.standard_normal(np.shape(a)).astype(np.float32), tree)
 
 
-def random_params(model, *inputs, rng=0, scale=0.2):
+def random_params(model, *inputs, rng=0, scale=0.2, **kwargs):
   """Parameters of `model` drawn directly from shapes: N(0, scale), plus 1 for LayerNorm scales.
 
   Much faster than `model.init` (whose initialisers run op by op) and, like
   `perturb`, leaves no parameter at a trivial value.
   """
   rng = np.random.default_rng(rng) if isinstance(rng, int) else rng
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))["params"]
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, **kwargs))["params"]
 
   def draw(path, s):
     base = 1.0 if getattr(path[-1], "key", None) == "scale" else 0.0

@@ -151,3 +151,28 @@ def test_pretrain_finetune_linear_probe_chain(tmp_path):
     assert np.array_equal(lp[k], pre[k]), k
   assert "Decoder/encoder_norm/scale" in pre and not any(k.startswith("Decoder/") for k in lp)
   assert json.loads((tmp_path / "lp" / "config.json").read_text())["model"]["head_batchnorm"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_export_to_hugging_face_vitmae(tmp_path, norm_pix_loss):
+  from tests.helpers import random_params
+  from vit_jax.interop import hf_export
+  m = model(norm_pix_loss=norm_pix_loss)
+  rng = np.random.default_rng(3)
+  images = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+  noise = rng.random((2, 16)).astype(np.float32)
+  params = random_params(m, images, noise=noise)
+  loss, out = m.apply({"params": params}, images, noise=noise)
+  settings = dict(patch_size=8, width=48, depth=2, num_heads=4, mlp_dim=96, decoder_width=32, decoder_depth=2,
+                  decoder_heads=4, decoder_mlp_dim=64, norm_pix_loss=norm_pix_loss)
+  hf_export.save_mae(params, settings, tmp_path / "hf", image_size=32)
+  ref, info = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+  with torch.no_grad():
+    want = ref.eval()(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+                      noise=torch.from_numpy(noise))
+  assert np.array_equal(np.asarray(out["mask"]), want.mask.numpy())
+  assert np.max(np.abs(np.asarray(out["pred"]) - want.logits.numpy())) <= 2e-5
+  assert abs(float(loss) - float(want.loss)) <= 1e-6 * max(1.0, abs(float(want.loss)))
+

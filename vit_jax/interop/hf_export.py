@@ -90,15 +90,7 @@ def state_dict(params: Mapping[str, Any], settings: Mapping[str, Any],
     sd[f"{emb}.distillation_token"] = contiguous(p["dist_token"])
   sd[f"{emb}.position_embeddings"] = contiguous(common.explicit_posemb(p, s, grid))
   for i, blk in enumerate(common.blocks(p)):
-    pre = f"{base}encoder.layer.{i}"
-    mha = blk["MultiHeadDotProductAttention_0"]
-    for name in ("query", "key", "value"):
-      sd.update(named(f"{pre}.attention.attention.{name}", torch_heads_in(mha[name])))
-    sd.update(named(f"{pre}.attention.output.dense", torch_heads_out(mha["out"])))
-    sd.update(named(f"{pre}.layernorm_before", torch_norm(blk["LayerNorm_0"])))
-    sd.update(named(f"{pre}.layernorm_after", torch_norm(blk["LayerNorm_1"])))
-    sd.update(named(f"{pre}.intermediate.dense", torch_linear(blk["MlpBlock_0"]["Dense_0"])))
-    sd.update(named(f"{pre}.output.dense", torch_linear(blk["MlpBlock_0"]["Dense_1"])))
+    sd.update(_layer(f"{base}encoder.layer.{i}", blk))
   sd.update(named(f"{base}layernorm", torch_norm(p["Transformer"]["encoder_norm"])))
   if s["representation_size"]:
     sd.update(named("pooler.dense", torch_linear(p["pre_logits"])))
@@ -112,6 +104,83 @@ def state_dict(params: Mapping[str, Any], settings: Mapping[str, Any],
     sd.update(named("cls_classifier", torch_linear(p["head"])))
     sd.update(named("distillation_classifier", torch_linear(p["head_dist"])))
   return sd
+
+
+def _layer(prefix: str, blk: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """One encoder block under the hub's legacy layer names."""
+  mha = blk["MultiHeadDotProductAttention_0"]
+  sd = {}
+  for name in ("query", "key", "value"):
+    sd.update(named(f"{prefix}.attention.attention.{name}", torch_heads_in(mha[name])))
+  sd.update(named(f"{prefix}.attention.output.dense", torch_heads_out(mha["out"])))
+  sd.update(named(f"{prefix}.layernorm_before", torch_norm(blk["LayerNorm_0"])))
+  sd.update(named(f"{prefix}.layernorm_after", torch_norm(blk["LayerNorm_1"])))
+  sd.update(named(f"{prefix}.intermediate.dense", torch_linear(blk["MlpBlock_0"]["Dense_0"])))
+  sd.update(named(f"{prefix}.output.dense", torch_linear(blk["MlpBlock_0"]["Dense_1"])))
+  return sd
+
+
+def mae_config(settings: Mapping[str, Any], grid: Sequence[int]) -> dict:
+  """`config.json` of `ViTMAEForPreTraining` for `MaskedAutoencoder` settings."""
+  from vit_jax.models.mae import MaskedAutoencoder
+
+  s = {k: f.default for k, f in MaskedAutoencoder.__dataclass_fields__.items() if k not in ("parent", "name")}
+  s.update(settings)
+  if grid[0] != grid[1]:
+    raise ValueError(f"Hugging Face ViTMAE needs a square patch grid, got {grid[0]}x{grid[1]}.")
+  if s["activation"] not in HF_ACT:
+    raise ValueError(f"Hugging Face ViTMAE cannot represent activation={s['activation']!r}.")
+  p = s["patch_size"]
+  return dict(
+      model_type="vit_mae", architectures=["ViTMAEForPreTraining"], hidden_size=s["width"],
+      num_hidden_layers=s["depth"], num_attention_heads=s["num_heads"], intermediate_size=s["mlp_dim"] or 4 * s["width"],
+      hidden_act=HF_ACT[s["activation"]], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+      initializer_range=0.02, layer_norm_eps=float(s["layer_norm_eps"]), image_size=grid[0] * p, patch_size=p,
+      num_channels=s["channels"], qkv_bias=True, decoder_num_attention_heads=s["decoder_heads"],
+      decoder_hidden_size=s["decoder_width"], decoder_num_hidden_layers=s["decoder_depth"],
+      decoder_intermediate_size=s["decoder_mlp_dim"] or 4 * s["decoder_width"], mask_ratio=float(s["mask_ratio"]),
+      norm_pix_loss=bool(s["norm_pix_loss"]), dtype="float32")
+
+
+def mae_state_dict(params: Mapping[str, Any], settings: Mapping[str, Any], grid: Sequence[int]) -> dict:
+  """Our `MaskedAutoencoder` tree -> legacy-named `ViTMAEForPreTraining` state dict, sin-cos tables included."""
+  from vit_jax.models.vit import posemb_sincos_2d
+
+  cfg = mae_config(settings, grid)
+  p = common.unrolled(params)
+  table = lambda width: contiguous(posemb_sincos_2d(grid[0], grid[1], width, prefix_tokens=1))
+  sd = named("vit.embeddings.patch_embeddings.projection", torch_conv(p["embedding"]))
+  sd["vit.embeddings.cls_token"] = contiguous(p["cls"])
+  sd["vit.embeddings.position_embeddings"] = table(cfg["hidden_size"])  # HF does not compute them itself
+  for i, blk in enumerate(common.blocks(p)):
+    sd.update(_layer(f"vit.encoder.layer.{i}", blk))
+  sd.update(named("vit.layernorm", torch_norm(p["Transformer"]["encoder_norm"])))
+  sd.update(named("decoder.decoder_embed", torch_linear(p["decoder_embed"])))
+  sd["decoder.mask_token"] = contiguous(p["mask_token"])
+  sd["decoder.decoder_pos_embed"] = table(cfg["decoder_hidden_size"])
+  for i, blk in enumerate(common.blocks({"Transformer": p["Decoder"]})):
+    sd.update(_layer(f"decoder.decoder_layers.{i}", blk))
+  sd.update(named("decoder.decoder_norm", torch_norm(p["Decoder"]["encoder_norm"])))
+  sd.update(named("decoder.decoder_pred", torch_linear(p["decoder_pred"])))
+  return sd
+
+
+def save_mae(params: Mapping[str, Any], settings: Mapping[str, Any], out_dir: str | os.PathLike,
+             image_size: int) -> str:
+  """Write a `ViTMAEForPreTraining` directory (`config.json` + `model.safetensors`); returns out_dir."""
+  from safetensors.numpy import save_file
+
+  p = settings["patch_size"]
+  if image_size % p:
+    raise ValueError(f"Image size {image_size} is not divisible by the patch size {p}.")
+  grid = (image_size // p, image_size // p)
+  cfg, sd = mae_config(settings, grid), mae_state_dict(params, settings, grid)
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+  return out_dir
 
 
 def save(params: Mapping[str, Any], settings: Mapping[str, Any], out_dir: str | os.PathLike,
