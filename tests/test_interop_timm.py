@@ -94,7 +94,7 @@ def test_state_dict_loads_strictly(tmp_path, kw):
 
 def test_posemb_resize_matches_timm_load_weights(tmp_path):
   """Our "timm" mode equals what timm does when a checkpoint's grid differs (4x4 -> 6x6)."""
-  settings, params, _ = ours()
+  settings = dict(SIZE)
   small = VisionTransformer(**settings)
   params = random_params(small, np.zeros((1, 32, 32, 3), np.float32))
   path = npz.save_npz(tmp_path / "m.npz", params)

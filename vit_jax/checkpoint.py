@@ -14,7 +14,6 @@ directory with a `checkpoints/` sub-directory.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping
 

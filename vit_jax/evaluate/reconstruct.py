@@ -19,7 +19,7 @@ import sys
 import jax
 import numpy as np
 
-from vit_jax.models.mae import MaskedAutoencoder, patchify, unpatchify
+from vit_jax.models.mae import MaskedAutoencoder, unpatchify
 
 
 def reconstructions(model: MaskedAutoencoder, params, images: np.ndarray, noise: np.ndarray | None = None,

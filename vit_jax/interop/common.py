@@ -199,6 +199,21 @@ def torch_conv(conv: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return {"weight": contiguous(np.asarray(conv["kernel"]).transpose(3, 2, 0, 1)), "bias": contiguous(conv["bias"])}
 
 
+def write_folder(out_dir, state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> str:
+  """`out_dir/model.safetensors` (torch names, float32) + `out_dir/config.json`; returns out_dir."""
+  import json
+  import os
+
+  from safetensors.numpy import save_file
+
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(dict(state_dict), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return out_dir
+
+
 def named(prefix: str, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {f"{prefix}.{k}": v for k, v in tensors.items()}
 

@@ -22,7 +22,6 @@ models export to timm instead.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -168,34 +167,18 @@ def mae_state_dict(params: Mapping[str, Any], settings: Mapping[str, Any], grid:
 def save_mae(params: Mapping[str, Any], settings: Mapping[str, Any], out_dir: str | os.PathLike,
              image_size: int) -> str:
   """Write a `ViTMAEForPreTraining` directory (`config.json` + `model.safetensors`); returns out_dir."""
-  from safetensors.numpy import save_file
-
   p = settings["patch_size"]
   if image_size % p:
     raise ValueError(f"Image size {image_size} is not divisible by the patch size {p}.")
   grid = (image_size // p, image_size // p)
-  cfg, sd = mae_config(settings, grid), mae_state_dict(params, settings, grid)
-  out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
-  return out_dir
+  return common.write_folder(out_dir, mae_state_dict(params, settings, grid), mae_config(settings, grid))
 
 
 def save(params: Mapping[str, Any], settings: Mapping[str, Any], out_dir: str | os.PathLike,
          image_size: Sequence[int] | int | None = None, labels: Sequence[str] | None = None) -> str:
   """Write `out_dir/{config.json, model.safetensors}`; returns out_dir."""
-  from safetensors.numpy import save_file
-
   s = common.model_settings(settings)
   p = common.unrolled(params)
   grid = common.patch_grid(p, s, image_size)
-  cfg = config(s, grid, labels)
-  sd = state_dict(p, s, grid)
-  out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
-  return out_dir
+  cfg = config(s, grid, labels)  # first: it rejects unrepresentable models before any work
+  return common.write_folder(out_dir, state_dict(p, s, grid), cfg)

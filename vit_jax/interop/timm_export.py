@@ -23,7 +23,6 @@ gated MLPs or conv stem; such models fail with a message naming the setting.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -117,15 +116,10 @@ def _attention(prefix: str, mha: Mapping[str, Any], *, fused: bool) -> dict[str,
 def save(params: Mapping[str, Any], settings: Mapping[str, Any], out_dir: str | os.PathLike,
          image_size: Sequence[int] | int | None = None) -> str:
   """Write `out_dir/{model.safetensors, config.json}`; returns out_dir."""
-  from safetensors.numpy import save_file
-
   s = common.model_settings(settings)
   p = common.unrolled(params)
   grid = common.patch_grid(p, s, image_size)
   arch, args = model_args(s, grid)
-  sd = state_dict(p, s, grid)
-  out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
   c = s["channels"]
   config = {
       "architecture": arch, "num_classes": args["num_classes"], "num_features": s["width"],
@@ -136,7 +130,4 @@ def save(params: Mapping[str, Any], settings: Mapping[str, Any], out_dir: str | 
           "num_classes": args["num_classes"], "first_conv": "patch_embed.proj",
           "classifier": ["head", "head_dist"] if s["distilled"] else "head"},
   }
-  save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
-  return out_dir
+  return common.write_folder(out_dir, state_dict(p, s, grid), config)

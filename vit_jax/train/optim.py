@@ -27,7 +27,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from vit_jax.interop.tree import flatten, unflatten
