@@ -118,7 +118,8 @@ def test_sincos_model_is_written_with_its_table(tmp_path):
 
 @pytest.mark.parametrize("kw", [dict(), dict(pool_type="gap", representation_size=24), dict(pool_type="map"),
                                 dict(distilled=True, qkv_bias=False), dict(layer_scale_init=0.1, num_classes=None),
-                                dict(activation="swiglu", patch_size=(8, 4))])
+                                dict(activation="swiglu", patch_size=(8, 4)),
+                                dict(pool_type="gap", class_token=True, fc_norm=True)])
 def test_infer_settings_rebuilds_the_tree(kw):
   _, params = model_and_params(**kw)
   s = common.infer_settings(params)

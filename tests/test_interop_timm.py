@@ -77,8 +77,9 @@ def test_big_vision_npz_through_load_weights(tmp_path, kw, prefix, scan):
 
 @pytest.mark.parametrize("kw", POOLS + [dict(pool_type="none"), dict(distilled=True), dict(layer_scale_init=0.1),
                                         dict(activation="gelu_tanh", qkv_bias=False), dict(posemb="sincos2d"),
-                                        dict(num_classes=None)],
-                         ids=POOL_IDS + ["none", "deit", "layerscale", "tanh-nobias", "sincos", "headless"])
+                                        dict(num_classes=None),
+                                        dict(pool_type="gap", class_token=True, fc_norm=True, posemb="sincos2d")],
+                         ids=POOL_IDS + ["none", "deit", "layerscale", "tanh-nobias", "sincos", "headless", "mae-ft"])
 def test_state_dict_loads_strictly(tmp_path, kw):
   settings, params, want = ours(**kw)
   model = timm_model(settings)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import models as model_configs
+from tests.helpers import perturb
 from vit_jax.models import vit as V
 from vit_jax.models.encoder import unrolled_to_scan
 
@@ -112,6 +113,31 @@ def test_gap_is_mean_of_encoded_tokens_and_pre_logits_is_dense_tanh():
   P = v["params"]["pre_logits"]
   np.testing.assert_allclose(out["pre_logits"], np.tanh(out["head_input"] @ P["kernel"] + P["bias"]),
                              rtol=RTOL, atol=ATOL)
+
+
+def test_fc_norm_pools_patch_tokens_then_normalises_like_mae_finetuning():
+  """MAE fine-tuning: keep the class token, average the patch tokens only, LayerNorm after the mean."""
+  m = V.VisionTransformer(num_classes=5, pool_type="gap", class_token=True, fc_norm=True, **TINY)
+  x = np.random.default_rng(3).standard_normal((2, 8, 8, 3)).astype(np.float32)
+  v = perturb(m.init(jax.random.key(0), x), scale=0.5)
+  p = v["params"]
+  assert "cls" in p and "fc_norm" in p and "encoder_norm" not in p["Transformer"]
+  _, out = m.apply(v, x)
+  enc = np.asarray(out["encoded"], np.float64)  # no final norm: the raw residual stream
+  assert enc.shape[1] == 1 + 4
+  mean = enc[:, 1:].mean(1)
+  ln = (mean - mean.mean(-1, keepdims=True)) / np.sqrt(mean.var(-1, keepdims=True) + 1e-6)
+  want = ln * p["fc_norm"]["scale"] + p["fc_norm"]["bias"]
+  np.testing.assert_allclose(out["head_input"], want, rtol=RTOL, atol=ATOL)
+  # Without fc_norm, a class-token model with "gap" normalises first and still leaves the class token out.
+  m2 = V.VisionTransformer(num_classes=5, pool_type="gap", class_token=True, **TINY)
+  v2 = m2.init(jax.random.key(0), x)
+  _, out2 = m2.apply(v2, x)
+  np.testing.assert_allclose(out2["head_input"], np.asarray(out2["encoded"])[:, 1:].mean(1), rtol=RTOL, atol=ATOL)
+  with pytest.raises(ValueError, match="fc_norm=True .* needs pool_type='gap'"):
+    V.VisionTransformer(fc_norm=True, **TINY).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="pool_type='token' pools the class token"):
+    V.VisionTransformer(class_token=False, **TINY).init(jax.random.key(0), x)
 
 
 def test_distilled_model_averages_both_heads():

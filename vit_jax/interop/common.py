@@ -44,7 +44,10 @@ def _pair(v) -> tuple[int, int]:
 
 def num_prefix_tokens(settings: Mapping[str, Any]) -> int:
   """Class and distillation tokens in front of the patch tokens."""
-  return int(settings["pool_type"] == "token") + int(bool(settings["distilled"]))
+  from vit_jax.models.vit import has_class_token
+
+  cls = has_class_token(settings["pool_type"], settings.get("class_token"))
+  return int(cls) + int(bool(settings["distilled"]))
 
 
 def unrolled(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,7 +127,8 @@ def infer_settings(params: Mapping[str, Any]) -> dict[str, Any]:
   """The model settings that a parameter tree (ours, scanned or not) determines.
 
   Read from shapes: width, depth, heads, MLP width, patch size, channels, stem,
-  pooling (class token, MAP head, else "gap"), distillation, representation
+  pooling (`fc_norm`: "gap" after the norm, keeping any class token; class
+  token: "token"; MAP head; else "gap"), distillation, representation
   size, classes, qkv bias, LayerScale, gated MLP.  What weights cannot tell
   (activation, norm placement, LayerNorm epsilon) keeps the model defaults,
   which are those of the published vit_jax / big_vision checkpoints.
@@ -143,7 +147,10 @@ def infer_settings(params: Mapping[str, Any]) -> dict[str, Any]:
     convs = sorted(k for k in p["stem"] if k.startswith("Conv_"))
     s.update(stem="conv", stem_width=int(p["stem"][convs[-1]]["kernel"].shape[-1]), channels=int(
         p["stem"][convs[0]]["kernel"].shape[2]), patch_size=(2 * int(kh), 2 * int(kw)))
-  s["pool_type"] = "token" if "cls" in p else "map" if "MAPHead_0" in p else "gap"
+  if "fc_norm" in p:
+    s.update(pool_type="gap", fc_norm=True, class_token="cls" in p)
+  else:
+    s["pool_type"] = "token" if "cls" in p else "map" if "MAPHead_0" in p else "gap"
   s["distilled"] = "dist_token" in p
   s["posemb"] = "learn" if learned_posemb(p) is not None else "sincos2d"
   if "kernel" in p.get("pre_logits", {}):

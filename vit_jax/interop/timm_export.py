@@ -12,7 +12,9 @@ Pooling maps to timm's `VisionTransformer` as:
 | ours | timm |
 |---|---|
 | pool_type="token" | `class_token=True, global_pool="token"` |
-| pool_type="gap" | `class_token=False, global_pool="avg", fc_norm=False` (norm before the mean) |
+| pool_type="gap" | `global_pool="avg", fc_norm=False` (norm before the mean of the patch tokens) |
+| pool_type="gap", fc_norm=True | `global_pool="avg", fc_norm=True` (MAE fine-tuning: norm after the mean) |
+| class_token | `class_token` (default: pool_type="token") |
 | pool_type="map" | `class_token=False, global_pool="map"` (`attn_pool.*`) |
 | pool_type="none" | `global_pool=""` (head on every token) |
 | distilled=True | `VisionTransformerDistilled` (`deit_*_distilled_*`), `dist_token`, `head_dist` |
@@ -30,6 +32,7 @@ import numpy as np
 
 from vit_jax.interop import common
 from vit_jax.interop.common import contiguous, named, torch_conv, torch_heads_in, torch_heads_out, torch_linear, torch_norm
+from vit_jax.models.vit import has_class_token
 
 TIMM_POOL = {"token": "token", "gap": "avg", "map": "map", "none": ""}
 TIMM_ACT = {"gelu": None, "gelu_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
@@ -54,8 +57,9 @@ def model_args(settings: Mapping[str, Any], grid: Sequence[int]) -> tuple[str, d
   args: dict[str, Any] = dict(
       img_size=[grid[0] * ph, grid[1] * pw], patch_size=ph if ph == pw else [ph, pw], in_chans=s["channels"],
       num_classes=s["num_classes"] or 0, embed_dim=s["width"], depth=s["depth"], num_heads=s["num_heads"],
-      mlp_ratio=s["mlp_dim"] / s["width"], qkv_bias=bool(s["qkv_bias"]), class_token=s["pool_type"] == "token",
-      global_pool=TIMM_POOL[s["pool_type"]], fc_norm=False, no_embed_class=False,
+      mlp_ratio=s["mlp_dim"] / s["width"], qkv_bias=bool(s["qkv_bias"]),
+      class_token=has_class_token(s["pool_type"], s["class_token"]), global_pool=TIMM_POOL[s["pool_type"]],
+      fc_norm=bool(s["fc_norm"]), no_embed_class=False,
       pos_embed="none" if s["posemb"] == "none" else "learn")
   if s["layer_scale_init"] is not None:
     args["init_values"] = float(s["layer_scale_init"])
@@ -72,7 +76,7 @@ def state_dict(params: Mapping[str, Any], settings: Mapping[str, Any],
   check_supported(s)
   p = common.unrolled(params)
   sd = named("patch_embed.proj", torch_conv(p["embedding"]))
-  if s["pool_type"] == "token":
+  if has_class_token(s["pool_type"], s["class_token"]):
     sd["cls_token"] = contiguous(p["cls"])
   if s["distilled"]:
     sd["dist_token"] = contiguous(p["dist_token"])
@@ -88,7 +92,10 @@ def state_dict(params: Mapping[str, Any], settings: Mapping[str, Any],
     for j in (0, 1):
       if f"LayerScale_{j}" in blk:
         sd[f"{pre}.ls{j + 1}.gamma"] = contiguous(blk[f"LayerScale_{j}"]["gamma"])
-  sd.update(named("norm", torch_norm(p["Transformer"]["encoder_norm"])))
+  if s["fc_norm"]:
+    sd.update(named("fc_norm", torch_norm(p["fc_norm"])))
+  else:
+    sd.update(named("norm", torch_norm(p["Transformer"]["encoder_norm"])))
   if s["pool_type"] == "map":
     head = p["MAPHead_0"]
     sd["attn_pool.latent"] = contiguous(head["probe"])

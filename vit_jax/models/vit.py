@@ -4,12 +4,13 @@ The parameter tree is the linen tree of vit_jax / big_vision:
 
   embedding/{kernel [ph, pw, C, D], bias}          patch projection (conv, stride = kernel)
   stem/{Conv_i, BatchNorm_i}                        only with stem="conv" (LV-ViT)
-  cls [1, 1, D]                                     with pool_type="token"
+  cls [1, 1, D]                                     with a class token (pool_type="token" by default)
   dist_token [1, 1, D]                              with distilled=True (DeiT)
   Transformer/posembed_input/pos_embedding          [1, prefix + h*w, D], with posemb="learn"
   Transformer/encoderblock_{i}/...                  see encoder.py
-  Transformer/encoder_norm
+  Transformer/encoder_norm                          unless fc_norm=True
   MAPHead_0/...                                     with pool_type="map"
+  fc_norm/{scale, bias}                             with fc_norm=True (norm after pooling, MAE / timm)
   pre_logits/{kernel, bias}                         with representation_size (Dense + tanh)
   head/{kernel, bias}, head_dist/{kernel, bias}     zero-initialised kernels
 
@@ -113,6 +114,11 @@ class ConvStem(nn.Module):
     return x
 
 
+def has_class_token(pool_type: str, class_token: bool | None) -> bool:
+  """Whether a model with these settings has the `cls` token."""
+  return pool_type == "token" if class_token is None else bool(class_token)
+
+
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
   return (int(v), int(v)) if isinstance(v, (int, np.integer)) else tuple(int(a) for a in v)  # type: ignore
 
@@ -128,8 +134,14 @@ class VisionTransformer(nn.Module):
     stem: "patch" (one conv, kernel = stride = patch) or "conv" (LV-ViT).
     posemb: "learn" (normal 0.02, includes the prefix-token slots), "sincos2d"
       (fixed MAE table, zero rows for prefix tokens) or "none".
-    pool_type: "token" (class token), "gap" (mean of tokens after the final norm),
-      "map" (attention pooling) or "none" (the head is applied to every token).
+    pool_type: "token" (class token), "gap" (mean of the patch tokens; prefix
+      tokens are left out), "map" (attention pooling) or "none" (the head is
+      applied to every token).
+    class_token: add the `cls` token; None: only with pool_type="token".  MAE
+      fine-tuning keeps the pre-trained class token but pools with "gap".
+    fc_norm: drop the encoder's final norm and normalise the pooled features
+      instead (`fc_norm`), as MAE fine-tuning and timm's `fc_norm=True` do;
+      needs pool_type="gap".
     distilled: DeiT: add `dist_token` and a second head `head_dist`; logits are
       the mean of both heads, each also returned in `out`.
     representation_size: Dense + tanh `pre_logits` of that width, or None.
@@ -152,6 +164,8 @@ class VisionTransformer(nn.Module):
   stem_width: int = 64
   posemb: Literal["learn", "sincos2d", "none"] = "learn"
   pool_type: Literal["token", "gap", "map", "none"] = "token"
+  class_token: bool | None = None
+  fc_norm: bool = False
   distilled: bool = False
   representation_size: int | None = None
   head_bias_init: float = 0.0
@@ -177,6 +191,11 @@ class VisionTransformer(nn.Module):
                                  ("posemb", self.posemb, POSEMB_TYPES), ("stem", self.stem, STEMS)):
       if value not in options:
         raise ValueError(f"Unknown {name} {value!r}: choose one of {options}.")
+    if self.pool_type == "token" and self.class_token is False:
+      raise ValueError("pool_type='token' pools the class token: leave class_token unset (or True).")
+    if self.fc_norm and self.pool_type != "gap":
+      raise ValueError(f"fc_norm=True normalises mean-pooled features: it needs pool_type='gap', "
+                       f"got {self.pool_type!r}.")
     if self.distilled and self.pool_type != "token":
       raise ValueError(f"distilled=True needs pool_type='token', got {self.pool_type!r}.")
     if self.distilled and self.representation_size:
@@ -215,7 +234,7 @@ class VisionTransformer(nn.Module):
     x = x.reshape(b, gh * gw, d)  # row-major: height outer
 
     prefix = []
-    if self.pool_type == "token":
+    if has_class_token(self.pool_type, self.class_token):
       prefix.append(self.param("cls", nn.initializers.zeros, (1, 1, d), self.param_dtype))
     if self.distilled:
       prefix.append(self.param("dist_token", nn.initializers.normal(0.02), (1, 1, d), self.param_dtype))
@@ -232,7 +251,8 @@ class VisionTransformer(nn.Module):
         residual_scale=self.residual_scale, activation=self.activation, qkv_bias=self.qkv_bias,
         layer_norm_eps=self.layer_norm_eps, learned_posemb=self.posemb == "learn", scan=self.scan,
         remat_policy=self.remat_policy, attention_impl=self.attention_impl, return_weights=return_attention,
-        dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer")(
+        final_norm=False if self.fc_norm else None, dtype=self.dtype, param_dtype=self.param_dtype,
+        name="Transformer")(
             x, posemb=fixed, deterministic=not train)
     out.update(enc_out)
     out["encoded"] = x
@@ -240,7 +260,10 @@ class VisionTransformer(nn.Module):
     if self.pool_type == "token":
       pooled = x[:, 0]
     elif self.pool_type == "gap":
-      pooled = jnp.mean(x, axis=1)
+      pooled = jnp.mean(x[:, len(prefix):], axis=1)
+      if self.fc_norm:
+        pooled = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name="fc_norm")(pooled)
     elif self.pool_type == "map":
       pooled = MAPHead(self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps,
                        self.attention_impl, self.dtype, self.param_dtype, name="MAPHead_0")(x)
