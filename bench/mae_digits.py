@@ -5,12 +5,13 @@
 1. Pre-trains the digits MAE (configs/mae.py) on every training image, without labels.
 2. For each seed, fine-tunes that encoder on the first 10% of the training split (144 labelled
    images) and trains the same model from scratch on the same images with the same recipe and
-   number of steps; both are evaluated on the 360 test images.  A linear probe of the frozen
-   pre-trained encoder is reported alongside.
+   number of steps; both are evaluated on the 360 test images.  Layer-wise lr decay is part of
+   the fine-tuning recipe but only makes sense for a pre-trained encoder, so the scratch model is
+   also trained without it; a linear probe of the frozen pre-trained encoder is reported alongside.
 
 Every run is `main.py` in its own process with its own workdir below --workdir, so rerunning
 resumes finished runs instantly and only redoes what is missing.  Prints Markdown tables.
-About 25 minutes on 2 CPU cores with the defaults.
+About 13 minutes on 2 CPU cores with the defaults.
 """
 
 from __future__ import annotations
@@ -76,16 +77,19 @@ def main():
 
   ft = [f"--config.total_steps={args.finetune_steps}"] if args.finetune_steps else []
   ft += args.finetune_override
-  results: dict[str, list[float]] = {"MAE fine-tuned": [], "from scratch": [], "MAE linear probe": []}
+  runs = (  # (row, workdir tag, mode, init, extra flags)
+      ("MAE fine-tuned", "mae_ft", "finetune", pre_dir, []),
+      ("from scratch", "scratch", "finetune", "", []),
+      ("from scratch, no layer decay", "scratch_nold", "finetune", "", ["--config.optim.layer_decay=1.0"]),
+      ("MAE linear probe", "mae_linear", "linear_probe", pre_dir, []))
+  results: dict[str, list[float]] = {row: [] for row, *_ in runs}
   for seed in seeds:
-    print(f"Seed {seed}: fine-tuning on {args.split} from the MAE encoder, from scratch, and a linear probe.",
+    print(f"Seed {seed}: fine-tuning on {args.split} from the MAE encoder and from scratch; linear probe.",
           flush=True)
-    common = [f"--config.seed={seed}", *ft]
-    for name, mode, init in (("MAE fine-tuned", "finetune", pre_dir), ("from scratch", "finetune", ""),
-                             ("MAE linear probe", "linear_probe", pre_dir)):
-      tag = {"MAE fine-tuned": "mae_ft", "from scratch": "scratch", "MAE linear probe": "mae_linear"}[name]
+    for row, tag, mode, init, extra in runs:
       config = f"configs/mae.py:mode={mode},init={init},split={args.split}"
-      results[name].append(run(os.path.join(args.workdir, f"{tag}_seed{seed}"), config, *common)["eval/accuracy"])
+      metrics = run(os.path.join(args.workdir, f"{tag}_seed{seed}"), config, f"--config.seed={seed}", *ft, *extra)
+      results[row].append(metrics["eval/accuracy"])
 
   print(f"\nMAE pre-training: eval reconstruction loss (masked patches, test split) by step: "
         + ", ".join(f"{s}: {v:.4f}" for s, v in curve))
@@ -94,8 +98,9 @@ def main():
   print("|---|" + "---|" * (len(seeds) + 1))
   for name, accs in results.items():
     print(f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {statistics.mean(accs):.3f} |")
-  wins = sum(m > s for m, s in zip(results["MAE fine-tuned"], results["from scratch"]))
-  print(f"\nMAE fine-tuning beats training from scratch on {wins} of {len(seeds)} seeds.")
+  best_scratch = [max(a, b) for a, b in zip(results["from scratch"], results["from scratch, no layer decay"])]
+  wins = sum(m > s for m, s in zip(results["MAE fine-tuned"], best_scratch))
+  print(f"\nMAE fine-tuning beats the better scratch run on {wins} of {len(seeds)} seeds.")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,11 @@ def test_preprocessing_ops():
   assert shifted.shape == image.shape
   with pytest.raises(ValueError, match="Unknown preprocessing op 'rotate"):
     preprocess.parse("decode|rotate(10)")
+  assert run("inception_crop(10, area_min=20)", rng).shape == (10, 10, 3)  # keyword arguments
+  with pytest.raises(ValueError, match="Bad arguments in preprocessing op 'inception_crop.*area_mn"):
+    preprocess.parse("inception_crop(10, area_mn=20)")
+  with pytest.raises(ValueError, match="use Python literals"):
+    preprocess.parse("resize(6, x)")
   with pytest.raises(ValueError, match="is random"):
     run("flip_lr")
 

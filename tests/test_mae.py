@@ -110,6 +110,19 @@ def test_mae_pretraining_runs_in_the_trainer_and_the_loss_falls(tmp_path):
   assert losses[-1] < 0.8 * losses[0] and 0 < final["eval/loss"] < losses[0]
 
 
+def test_mae_pretraining_on_a_tfds_dataset_by_name(tmp_path):
+  import tensorflow_datasets as tfds
+  from configs.mae import get_config
+  from vit_jax.train import trainer
+  c = get_config("runlocal")
+  c.update(dict(total_steps=3, log_steps=3, eval_steps=3, checkpoint_steps=3, num_devices=1, batch_size=8))
+  c.data.update(dict(name="mnist", data_dir=None, image_size=8, pp_train="decode|inception_crop(8, area_min=20)|"
+                     "flip_lr|value_range(-1, 1)", pp_eval="decode|resize(8)|value_range(-1, 1)"))
+  with tfds.testing.mock_data(num_examples=24):
+    final = trainer.train_and_evaluate(c, str(tmp_path / "work"))
+  assert set(final) == {"eval/loss"} and np.isfinite(final["eval/loss"]) and final["eval/loss"] > 0
+
+
 def test_reconstruction_grid(tmp_path):
   from vit_jax.evaluate import reconstruct
   m = model(norm_pix_loss=True)
@@ -150,6 +163,8 @@ def test_pretrain_finetune_linear_probe_chain(tmp_path):
       continue
     assert np.array_equal(lp[k], pre[k]), k
   assert "Decoder/encoder_norm/scale" in pre and not any(k.startswith("Decoder/") for k in lp)
+  ft = flatten(checkpoint.load(tmp_path / "ft")[0])  # MAE fine-tuning: mean of patch tokens, then fc_norm
+  assert "fc_norm/scale" in ft and "cls" in ft and "Transformer/encoder_norm/scale" not in ft
   assert json.loads((tmp_path / "lp" / "config.json").read_text())["model"]["head_batchnorm"] is True
 
 

@@ -142,9 +142,26 @@ def parse(spec: str) -> list[tuple[str, Callable]]:
     m = _OP.match(part)
     if not m or m.group(1) not in OPS:
       raise ValueError(f"Unknown preprocessing op {part.strip()!r} in {spec!r}: choose from {sorted(OPS)}.")
-    args = ast.literal_eval(f"({m.group(2)},)") if m.group(2) and m.group(2).strip() else ()
-    ops.append((m.group(1), OPS[m.group(1)](*args)))
+    args, kwargs = _arguments(m.group(2) or "", part.strip())
+    try:
+      ops.append((m.group(1), OPS[m.group(1)](*args, **kwargs)))
+    except TypeError as e:
+      raise ValueError(f"Bad arguments in preprocessing op {part.strip()!r}: {e}.") from None
   return ops
+
+
+def _arguments(text: str, op: str) -> tuple[list[Any], dict[str, Any]]:
+  """Literal positional and keyword arguments: `"8, area_min=20"` -> ([8], {"area_min": 20})."""
+  if not text.strip():
+    return [], {}
+  try:
+    call = ast.parse(f"op({text})", mode="eval").body
+    assert isinstance(call, ast.Call)
+    return ([ast.literal_eval(a) for a in call.args],
+            {k.arg: ast.literal_eval(k.value) for k in call.keywords})
+  except (SyntaxError, ValueError, AssertionError):
+    raise ValueError(f"Cannot read the arguments of preprocessing op {op!r}: use Python literals, "
+                     "e.g. inception_crop(224, area_min=20).") from None
 
 
 def is_random(spec: str) -> bool:
