@@ -9,6 +9,11 @@ accepted too.
     >>> cfg = get_config("B/16", num_classes=10)
     >>> model = create_model("B/16", num_classes=10)
 
+Named family members are accepted as well: "DeiT-Ti" / "DeiT-S" / "DeiT-B" (the
+ViT sizes at patch 16; "DeiT-B-distilled" adds the distillation token) and
+"LV-ViT-T" / "-S" / "-M" / "-L" (conv stem, MLP ratio 3, no qkv bias, residual
+scaling, LayerNorm eps 1e-5 and the token-labeling head).
+
 `python -m configs.models` prints the model-zoo table of the README.
 """
 
@@ -30,6 +35,15 @@ SIZES: dict[str, dict[str, int]] = {
     "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
 }
 
+# LV-ViT (Jiang et al. 2021, reference code lvvit_*): patch 16 through the conv stem.
+LVVIT: dict[str, dict[str, Any]] = {
+    "T": dict(width=240, depth=12, num_heads=4, residual_scale=1.0, stem_width=64),
+    "S": dict(width=384, depth=16, num_heads=6, residual_scale=2.0, stem_width=64),
+    "M": dict(width=512, depth=20, num_heads=8, residual_scale=2.0, stem_width=64),
+    "L": dict(width=768, depth=24, num_heads=12, residual_scale=3.0, stem_width=128),
+}
+DEIT = {"Ti": "Ti/16", "S": "S/16", "B": "B/16"}
+
 _VARIANT = re.compile(r"^(?:ViT-)?(?P<size>[A-Za-z]+)[/_](?P<ph>\d+)(?:x(?P<pw>\d+))?$")
 
 
@@ -47,6 +61,23 @@ def decode_variant(variant: str) -> dict[str, Any]:
   return dict(SIZES[m.group("size")], patch_size=(ph, pw))
 
 
+def family_settings(variant: str) -> dict[str, Any]:
+  """Model settings of a ViT size ("B/16") or a named DeiT / LV-ViT member."""
+  name = variant.strip()
+  m = re.match(r"^DeiT-(Ti|S|B)(-distilled)?$", name)
+  if m:
+    return dict(decode_variant(DEIT[m.group(1)]), distilled=bool(m.group(2)))
+  m = re.match(r"^LV-ViT-(T|S|M|L)$", name)
+  if m:
+    size = LVVIT[m.group(1)]
+    return dict(size, mlp_dim=3 * size["width"], patch_size=(16, 16), stem="conv", qkv_bias=False,
+                layer_norm_eps=1e-5, activation="gelu", token_head=True)
+  if name.startswith(("DeiT", "LV-ViT")):
+    raise ValueError(f"Unknown variant {variant!r}: choose DeiT-Ti/S/B (optionally '-distilled') or "
+                     "LV-ViT-T/S/M/L.")
+  return decode_variant(name)
+
+
 def get_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
   """The `VisionTransformer` keyword arguments of a variant, as a locked ConfigDict.
 
@@ -60,7 +91,7 @@ def get_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
     import difflib
     hints = {k: difflib.get_close_matches(k, fields, n=3) for k in unknown}
     raise ValueError(f"Unknown model setting(s) {unknown}; closest valid names: {hints}.")
-  cfg = ml_collections.ConfigDict(dict(decode_variant(variant), **overrides))
+  cfg = ml_collections.ConfigDict(dict(family_settings(variant), **overrides))
   cfg.lock()
   return cfg
 

@@ -38,6 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(name=arg.dataset, train_split="train", eval_split="test"))
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
+  c.data.repeated_augmentation = 1  # DeiT's repeated augmentation: 3
+  c.data.score_maps = ""  # token labeling: a directory written by `python -m vit_jax.data.score_maps`
   durations(c, "total", "log", "eval", "checkpoint")
   c.mesh = (("data", -1),)  # tuples, so that --config.mesh="(('fsdp', -1),)" can override them
   c.num_devices = ml_collections.config_dict.placeholder(int)  # use only the first N devices (tests, debugging)
@@ -47,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.keep_every_steps = ml_collections.config_dict.placeholder(int)
   c.label_smoothing = 0.0
+  c.ema_decay = 0.0  # > 0: also keep and evaluate (eval_ema/...) a Polyak average of the weights
   c.mixup = dict(mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5)
   c.init = dict(path=arg.init, dont_load=(), reinit_head=True, posemb_resize="vit_jax")
   c.optim = ml_collections.ConfigDict(dict(

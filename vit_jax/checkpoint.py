@@ -83,6 +83,12 @@ def find_step_dir(path: str | os.PathLike) -> str:
 
 def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   """`(params, config)` from a native checkpoint; params are numpy arrays on the host."""
+  variables, config = load_variables(path)
+  return variables["params"], config
+
+
+def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+  """`(variables, config)`: {"params", plus "batch_stats" etc. of a train state} as host numpy arrays."""
   import orbax.checkpoint as ocp
 
   step_dir = find_step_dir(path)
@@ -98,13 +104,13 @@ def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   except Exception as e:  # orbax raises many types for damaged files
     raise CheckpointError(f"Cannot restore {step_dir!r} ({type(e).__name__}: {e}): the checkpoint is "
                           "incomplete or corrupt; use an earlier step.") from None
-  params = restored[item]
+  variables = {"params": restored[item]}
   if item == "state":
-    if "params" not in params:
+    if "params" not in restored[item]:
       raise CheckpointError(f"The train state in {step_dir!r} has no 'params' entry.")
-    params = params["params"]
+    variables = {"params": restored[item]["params"], **(restored[item].get("extra") or {})}
   config = dict(restored["config"]) if has_config else {}
   if "model" in config:
     config["model"] = settings_from_json(config["model"])
   to_host = lambda t: {k: to_host(v) for k, v in t.items()} if isinstance(t, Mapping) else np.asarray(t)
-  return to_host(params), config
+  return to_host(variables), config

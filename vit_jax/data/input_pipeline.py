@@ -96,18 +96,55 @@ class _Preprocess(grain.RandomMapTransform):
     return preprocess.apply(self.ops, example, rng)
 
 
+EXTRA_KEYS = ("score_values", "score_indices", "geometry")  # token labeling (score_maps.py)
+
+
 class _Select(grain.MapTransform):
   def map(self, example):
-    return {"image": np.asarray(example["image"], np.float32), "label": np.int32(example["label"])}
+    out = {"image": np.asarray(example["image"], np.float32), "label": np.int32(example["label"])}
+    out.update({k: np.asarray(example[k]) for k in EXTRA_KEYS if k in example})
+    return out
+
+
+class RepeatedAugmentation:
+  """DeiT's repeated augmentation: each epoch, a shuffled order with every index `repeats` times in a row,
+  cut to the epoch length, so an epoch sees about 1/repeats of the images, each in `repeats` augmentations.
+
+  Random access over an endless stream (index = epoch * n + position), deterministic in `seed`.
+  """
+
+  def __init__(self, data, repeats: int, seed: int):
+    self.data, self.repeats, self.seed = data, int(repeats), seed
+    self._order: tuple[int, np.ndarray] | None = None
+
+  def __len__(self) -> int:
+    return len(self.data) * 10 ** 9  # endless for practical purposes
+
+  def order(self, epoch: int) -> np.ndarray:
+    if self._order is None or self._order[0] != epoch:
+      perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+      self._order = (epoch, np.repeat(perm, self.repeats)[:len(self.data)])
+    return self._order[1]
+
+  def __getitem__(self, i: int):
+    epoch, pos = divmod(int(i), len(self.data))
+    return self.data[int(self.order(epoch)[pos])]
 
 
 def train_dataset(source: Source, pp: str, batch_size: int, *, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
-  """An endless, shuffled, augmented stream of `batch_size` batches for this process."""
+                  process_count: int = 1, repeated_augmentation: int = 1) -> grain.IterDataset:
+  """An endless, shuffled, augmented stream of `batch_size` batches for this process.
+
+  repeated_augmentation > 1: DeiT's sampling (`RepeatedAugmentation`) within this process's shard.
+  """
   if len(source) < process_count:
     raise ValueError(f"{source.name} has {len(source)} examples for {process_count} processes.")
-  ds = grain.MapDataset.source(source.data)[process_index::process_count]
-  ds = ds.shuffle(seed=seed).repeat(None)
+  if repeated_augmentation > 1:
+    shard = grain.MapDataset.source(source.data)[process_index::process_count]
+    ds = grain.MapDataset.source(RepeatedAugmentation(shard, repeated_augmentation, seed))
+  else:
+    ds = grain.MapDataset.source(source.data)[process_index::process_count]
+    ds = ds.shuffle(seed=seed).repeat(None)
   ds = ds.random_map(_Preprocess(pp), seed=seed + 1).map(_Select())
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))

@@ -16,6 +16,12 @@ deterministic and resumable.
 | `random_crop_pad(pad)` | pad by `pad` pixels (edge value 0) and crop back to the original size: small shifts |
 | `flip_lr` | random horizontal flip |
 | `value_range(vmin, vmax)` | uint8 0..255 -> float32 in [vmin, vmax] |
+
+Geometry: when an example carries `geometry` (LV-ViT's score maps add it), the
+spatial ops keep it up to date.  It is float32 `(y0, x0, sy, sx)`: a point at
+normalised coordinates (y, x) in [0, 1]^2 of the current image (0 = top / left
+edge, 1 = bottom / right edge) came from `(y0 + sy * y, x0 + sx * x)` of the
+original image, so a label map of the original can follow the crops and flips.
 """
 
 from __future__ import annotations
@@ -40,6 +46,17 @@ def _pil(image: np.ndarray):
 def _from_pil(img, channels: int) -> np.ndarray:
   a = np.asarray(img)
   return a[..., None] if a.ndim == 2 else a[..., :channels]
+
+
+IDENTITY = np.array([0.0, 0.0, 1.0, 1.0], np.float32)
+
+
+def _moved(example: Example, y0: float, x0: float, sy: float, sx: float) -> Example:
+  """Compose the op's map (current image -> its input image) into `geometry`, if tracked."""
+  if "geometry" not in example:
+    return example
+  gy0, gx0, gsy, gsx = (float(v) for v in example["geometry"])
+  return dict(example, geometry=np.array([gy0 + gsy * y0, gx0 + gsx * x0, gsy * sy, gsx * sx], np.float32))
 
 
 def _size(h, w=None) -> tuple[int, int]:
@@ -77,6 +94,8 @@ def central_crop(h, w=None):
     top, left = (image.shape[0] - size[0]) // 2, (image.shape[1] - size[1]) // 2
     if top < 0 or left < 0:
       raise ValueError(f"central_crop{size} of an image of shape {image.shape}: resize first.")
+    h, w = image.shape[:2]
+    example = _moved(example, top / h, left / w, size[0] / h, size[1] / w)
     return dict(example, image=image[top:top + size[0], left:left + size[1]])
   return op
 
@@ -97,7 +116,7 @@ def inception_crop(size, area_min=5, area_max=100):
     else:  # fall back to the largest central crop
       ch = cw = min(h, w)
       top, left = (h - ch) // 2, (w - cw) // 2
-    crop = dict(example, image=image[top:top + ch, left:left + cw])
+    crop = dict(_moved(example, top / h, left / w, ch / h, cw / w), image=image[top:top + ch, left:left + cw])
     return resize(*out)(crop)
   return op
 
@@ -110,13 +129,14 @@ def random_crop_pad(pad):
     h, w = image.shape[:2]
     padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
     top, left = rng.integers(0, 2 * pad + 1, size=2)
+    example = _moved(example, (top - pad) / h, (left - pad) / w, 1.0, 1.0)
     return dict(example, image=padded[top:top + h, left:left + w])
   return op
 
 
 def flip_lr(example, rng):
   if rng.random() < 0.5:
-    example = dict(example, image=example["image"][:, ::-1])
+    example = dict(_moved(example, 0.0, 1.0, 1.0, -1.0), image=example["image"][:, ::-1])
   return example
 
 

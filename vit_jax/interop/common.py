@@ -129,7 +129,7 @@ def infer_settings(params: Mapping[str, Any]) -> dict[str, Any]:
   Read from shapes: width, depth, heads, MLP width, patch size, channels, stem,
   pooling (`fc_norm`: "gap" after the norm, keeping any class token; class
   token: "token"; MAP head; else "gap"), distillation, representation
-  size, classes, qkv bias, LayerScale, gated MLP.  What weights cannot tell
+  size, classes, qkv bias, LayerScale, gated MLP, token head.  What weights cannot tell
   (activation, norm placement, LayerNorm epsilon) keeps the model defaults,
   which are those of the published vit_jax / big_vision checkpoints.
   """
@@ -156,6 +156,7 @@ def infer_settings(params: Mapping[str, Any]) -> dict[str, Any]:
   if "kernel" in p.get("pre_logits", {}):
     s["representation_size"] = int(p["pre_logits"]["kernel"].shape[1])
   s["num_classes"] = int(p["head"]["kernel"].shape[1]) if "head" in p else None
+  s["token_head"] = "aux_head" in p
   if "LayerScale_0" in bl[0]:
     s["layer_scale_init"] = 1e-5  # any value: it only sets the initial gamma
   if "Dense_gate" in mlp:

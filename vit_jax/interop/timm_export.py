@@ -40,7 +40,8 @@ TIMM_ACT = {"gelu": None, "gelu_tanh": "gelu_tanh", "relu": "relu", "silu": "sil
 
 def check_supported(settings: Mapping[str, Any]) -> None:
   common.require(settings, "timm's VisionTransformer", norm=("pre",), stem=("patch",), residual_scale=(1.0,),
-                 activation=tuple(TIMM_ACT), representation_size=(None, 0), layer_norm_eps=(1e-6,))
+                 activation=tuple(TIMM_ACT), representation_size=(None, 0), layer_norm_eps=(1e-6,),
+                 token_head=(False,))
   if settings["pool_type"] == "map" and not settings["qkv_bias"]:
     raise ValueError("timm's VisionTransformer cannot represent this model: its attention-pooling head drops "
                      "the q/kv biases when qkv_bias=False, ours keeps them.")

@@ -13,11 +13,19 @@ The parameter tree is the linen tree of vit_jax / big_vision:
   fc_norm/{scale, bias}                             with fc_norm=True (norm after pooling, MAE / timm)
   pre_logits/{kernel, bias}                         with representation_size (Dense + tanh)
   head/{kernel, bias}, head_dist/{kernel, bias}     zero-initialised kernels
+  aux_head/{kernel, bias}                           with token_head=True (LV-ViT token labeling)
 
 `VisionTransformer.__call__` returns `(logits, out)` where `out` holds named
 intermediates: "stem" [B, h, w, D], "encoded" [B, tokens, D], "head_input",
 "pre_logits", "logits" and, with `return_attention=True`,
-"attention_weights" [layers, B, heads, tokens, tokens].
+"attention_weights" [layers, B, heads, tokens, tokens].  With `token_head=True`
+also "logits_cls" and "token_logits" [B, patches, classes] (LV-ViT).
+
+MixToken (LV-ViT): `apply(..., mix_box=(top, left, bottom, right))` replaces
+that box of the patch grid, right after the patch projection, with the same
+region of the batch in reverse order; "token_logits" come back un-mixed (each
+position predicts for the image its content came from), and "mix_mask" [h, w]
+marks the box.
 """
 
 from __future__ import annotations
@@ -114,6 +122,14 @@ class ConvStem(nn.Module):
     return x
 
 
+def box_mask(box: Array | Sequence[int], grid: tuple[int, int]) -> Array:
+  """Boolean `[h, w]`: True inside `box` = (top, left, bottom, right), end exclusive."""
+  top, left, bottom, right = (box[i] for i in range(4))
+  rows = jnp.arange(grid[0])[:, None]
+  cols = jnp.arange(grid[1])[None, :]
+  return (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+
+
 def has_class_token(pool_type: str, class_token: bool | None) -> bool:
   """Whether a model with these settings has the `cls` token."""
   return pool_type == "token" if class_token is None else bool(class_token)
@@ -148,6 +164,8 @@ class VisionTransformer(nn.Module):
     head_bias_init, head_zeroinit: the head's initialisation.
     head_batchnorm: BatchNorm without scale and bias before the head (`head_norm`;
       MAE's linear probing), with batch statistics in the "batch_stats" collection.
+    token_head: LV-ViT's `aux_head`, a linear classifier on every patch token;
+      logits = class-token logits + token_head_weight * per-class max over tokens.
     norm, dropout_rate, attention_dropout_rate, drop_path_rate, layer_scale_init,
       residual_scale, activation, qkv_bias, layer_norm_eps, scan, remat_policy,
       attention_impl: see `Encoder`.
@@ -171,6 +189,8 @@ class VisionTransformer(nn.Module):
   head_bias_init: float = 0.0
   head_zeroinit: bool = True
   head_batchnorm: bool = False
+  token_head: bool = False
+  token_head_weight: float = 0.5
   norm: Literal["pre", "post"] = "pre"
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
@@ -198,6 +218,8 @@ class VisionTransformer(nn.Module):
                        f"got {self.pool_type!r}.")
     if self.distilled and self.pool_type != "token":
       raise ValueError(f"distilled=True needs pool_type='token', got {self.pool_type!r}.")
+    if self.token_head and (self.pool_type != "token" or self.distilled or not self.num_classes):
+      raise ValueError("token_head=True (LV-ViT) needs pool_type='token', distilled=False and num_classes.")
     if self.distilled and self.representation_size:
       raise ValueError("distilled=True has no representation layer: set representation_size=None.")
     if images.ndim != 4:
@@ -215,11 +237,13 @@ class VisionTransformer(nn.Module):
     return ph, pw
 
   @nn.compact
-  def __call__(self, images: Array, *, train: bool = False,
-               return_attention: bool = False) -> tuple[Array, dict[str, Array]]:
+  def __call__(self, images: Array, *, train: bool = False, return_attention: bool = False,
+               mix_box: Array | Sequence[int] | None = None) -> tuple[Array, dict[str, Array]]:
     """`images: [batch, height, width, channels]` -> `(logits, out)`.
 
     logits: `[batch, num_classes]` (`[batch, tokens, num_classes]` for pool_type="none").
+    mix_box: MixToken's (top, left, bottom, right) on the patch grid, end exclusive
+      (ints or a traced int array); None for no mixing.
     """
     ph, pw = self._check(images)
     out: dict[str, Array] = {}
@@ -229,8 +253,13 @@ class VisionTransformer(nn.Module):
       ph, pw = ph // 2, pw // 2
     x = nn.Conv(self.width, (ph, pw), strides=(ph, pw), padding="VALID", dtype=self.dtype,
                 param_dtype=self.param_dtype, name="embedding")(x)
-    out["stem"] = x
     b, gh, gw, d = x.shape
+    mix_mask = None
+    if mix_box is not None:
+      mix_mask = box_mask(mix_box, (gh, gw))
+      x = jnp.where(mix_mask[None, :, :, None], x[::-1], x)
+      out["mix_mask"] = mix_mask
+    out["stem"] = x
     x = x.reshape(b, gh * gw, d)  # row-major: height outer
 
     prefix = []
@@ -291,6 +320,15 @@ class VisionTransformer(nn.Module):
                       param_dtype=self.param_dtype, name=name)(inputs).astype(jnp.float32)
 
     logits = head("head", pre)
+    if self.token_head:
+      tokens = x[:, len(prefix):]
+      token_logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name="aux_head")(tokens).astype(jnp.float32)
+      if mix_mask is not None:  # un-mix: each position predicts for the image its content came from
+        grid = token_logits.reshape(b, gh, gw, -1)
+        token_logits = jnp.where(mix_mask[None, :, :, None], grid[::-1], grid).reshape(b, gh * gw, -1)
+      out["logits_cls"], out["token_logits"] = logits, token_logits
+      logits = logits + self.token_head_weight * jnp.max(token_logits, axis=1)
     if self.distilled:
       logits_dist = head("head_dist", x[:, 1])
       out["logits_cls"], out["logits_dist"] = logits, logits_dist

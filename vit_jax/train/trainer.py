@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.checkpoint import settings_to_json
-from vit_jax.data import input_pipeline
+from vit_jax.data import input_pipeline, score_maps
 from vit_jax.interop import common as interop_common
 from vit_jax.train import checkpoint as train_checkpoint
 from vit_jax.train import metrics as metrics_lib
@@ -67,12 +67,16 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
                      f"the {mesh.shape['data'] * mesh.shape['fsdp']} batch shards of the mesh.")
   local_batch = global_batch // jax.process_count()
   train_source = input_pipeline.get_source(config.data.name, config.data.train_split, config.data.data_dir)
+  if config.data.get("score_maps"):  # token labeling: each example carries its teacher score map
+    train_source = input_pipeline.Source(
+        score_maps.ScoreMapSource(train_source.data, config.data.score_maps, dataset=config.data.name,
+                                  split=config.data.train_split), train_source.num_classes, train_source.name)
   eval_source = input_pipeline.get_source(config.data.name, config.data.eval_split, config.data.data_dir)
   steps_per_epoch = len(train_source) / global_batch
   total_steps = optim.to_steps(config, "total", steps_per_epoch=steps_per_epoch, batch_size=global_batch)
   train_data = input_pipeline.train_dataset(
       train_source, config.data.pp_train, local_batch, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), repeated_augmentation=int(config.data.get("repeated_augmentation", 1) or 1))
 
   # ---------------------------------------------------------------- model
   task = tasks.get_task(config, train_source.num_classes)
@@ -90,11 +94,16 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
   params_sharding = sharding.param_shardings(variables_shape["params"], mesh, rules,
                                              fsdp_min_size=int(config.get("fsdp_min_size", 2 ** 14)))
 
+  ema_decay = float(config.get("ema_decay") or 0.0)  # Polyak average of the weights (DeiT / LV-ViT)
+
   def init_state(rng):
     variables = task.init(rng, dummy)
     params = variables.pop("params")
-    return {"params": params, "extra": variables, "opt_state": tx.init(params), "step": jnp.int32(0),
-            "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
+    state = {"params": params, "extra": variables, "opt_state": tx.init(params), "step": jnp.int32(0),
+             "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
+    if ema_decay:
+      state["ema"] = jax.tree_util.tree_map(jnp.copy, params)
+    return state
 
   state_shape = jax.eval_shape(init_state, jax.random.key(config.seed))
   state_sharding = sharding.tree_shardings(state_shape, variables_shape["params"], params_sharding, mesh)
@@ -123,15 +132,17 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
   if local_batch % accumulate:
     raise ValueError(f"accumulate={accumulate} must divide the per-process batch {local_batch}.")
 
-  def grads_of(params, extra, batch, rng):
-    (loss, (m, extra)), grads = jax.value_and_grad(task.loss, has_aux=True)(params, extra, batch, rng)
+  constants = jax.device_put(task.constants, jax.NamedSharding(mesh, jax.P()))  # e.g. a teacher, replicated
+
+  def grads_of(params, extra, batch, rng, consts):
+    (loss, (m, extra)), grads = jax.value_and_grad(task.loss, has_aux=True)(params, extra, batch, rng, consts)
     return loss, m, extra, grads
 
-  def train_step(state, batch):
+  def train_step(state, consts, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     params, extra = state["params"], state["extra"]
     if accumulate == 1:
-      loss, m, extra, grads = grads_of(params, extra, batch, rng)
+      loss, m, extra, grads = grads_of(params, extra, batch, rng, consts)
     else:  # micro-batches in sequence: activation memory of one micro-batch, same update
       # Micro-batch i takes rows i::accumulate, so every device keeps working on its own rows.
       micro = jax.tree_util.tree_map(lambda a: a.reshape(-1, accumulate, *a.shape[1:]).swapaxes(0, 1), batch)
@@ -139,23 +150,26 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
       def body(carry, xs):
         extra, acc = carry
         mb, i = xs
-        loss, m, extra, g = grads_of(params, extra, mb, jax.random.fold_in(rng, i))
+        loss, m, extra, g = grads_of(params, extra, mb, jax.random.fold_in(rng, i), consts)
         acc = jax.tree_util.tree_map(lambda a, b: a + b / accumulate, acc, (loss, m, g))
         return (extra, acc), None
       zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(grads_of, params, extra, jax.tree_util.tree_map(
-          lambda a: a[0], micro), rng))
+          lambda a: a[0], micro), rng, consts))
       zeros = (zeros[0], zeros[1], zeros[3])
       (extra, (loss, m, grads)), _ = jax.lax.scan(body, (extra, zeros), (micro, jnp.arange(accumulate)))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
     m = dict(m, **{"train/loss": loss, "train/lr": lr_fn(state["step"]),
                    "train/grad_norm": jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree_util.tree_leaves(grads)))})
-    return {"params": params, "extra": extra, "opt_state": opt_state, "step": state["step"] + 1,
-            "rng": state["rng"]}, m
+    new_state = {"params": params, "extra": extra, "opt_state": opt_state, "step": state["step"] + 1,
+                 "rng": state["rng"]}
+    if ema_decay:
+      new_state["ema"] = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params)
+    return new_state, m
 
   replicated = jax.NamedSharding(mesh, jax.P())
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+  step_fn = jax.jit(train_step, in_shardings=(state_sharding, replicated, batch_sharding),
                     out_shardings=(state_sharding, replicated), donate_argnums=(0,))
   eval_fn = jax.jit(lambda params, extra, batch: task.evaluate({"params": params, **extra}, batch),
                     in_shardings=(params_sharding, state_sharding["extra"], batch_sharding), out_shardings=replicated)
@@ -164,16 +178,23 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
   eval_batch = int(config.get("eval_batch_size") or global_batch) // jax.process_count()
 
   def evaluate(state) -> dict[str, float]:
+    """eval/<metric>, and eval_ema/<metric> for the weight average when config.ema_decay is set."""
+    metrics = evaluate_params(state["params"], state["extra"], "eval")
+    if ema_decay:
+      metrics.update(evaluate_params(state["ema"], state["extra"], "eval_ema"))
+    return metrics
+
+  def evaluate_params(params, extra, prefix: str) -> dict[str, float]:
     sums = None
     for batch in input_pipeline.eval_batches(eval_source, config.data.pp_eval, eval_batch,
                                              process_index=jax.process_index(), process_count=jax.process_count()):
-      out = eval_fn(state["params"], state["extra"], sharding.put_batch(batch, mesh))
+      out = eval_fn(params, extra, sharding.put_batch(batch, mesh))
       sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     count = float(sums["count"])
     if count != len(eval_source):
       raise AssertionError(f"Evaluated {count} examples of {len(eval_source)}.")
-    return {f"eval/{k}": float(v) / count for k, v in sorted(sums.items()) if k != "count"}
+    return {f"{prefix}/{k}": float(v) / count for k, v in sorted(sums.items()) if k != "count"}
 
   # ---------------------------------------------------------------- loop
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
@@ -192,7 +213,7 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
       if not checked_shape:
         _check_batch(batch, (local_batch, h, w, channels))
         checked_shape = True
-      state, m = step_fn(state, sharding.put_batch(batch, mesh))
+      state, m = step_fn(state, constants, sharding.put_batch(batch, mesh))
       seen += global_batch
       if pending is not None:  # check the previous step's loss while this one runs
         _check_finite(*pending)

@@ -1,0 +1,58 @@
+"""DeiT (Touvron et al. 2021): distillation from a teacher through a distillation token.
+
+    python main.py --workdir workdirs/teacher                 # the teacher: the demo ViT on the digits
+    python main.py --config configs/deit.py:teacher=workdirs/teacher --workdir workdirs/deit_digits
+  Distils a DeiT student (the demo's size without its conv stem: 2x2 patches, width 64, depth 4; class
+  and distillation tokens, two heads) from that teacher with hard distillation; `distill=soft` uses the soft (KL, temperature) form, and
+  `distill=none` trains the same student without a distillation token or teacher.
+
+    python main.py --config configs/deit.py:variant=DeiT-S,dataset=imagenet2012,teacher=REGNET_OR_VIT.npz \
+        --workdir workdirs/deit_s
+  The paper's recipe: AdamW, lr 5e-4 x batch / 512, weight decay 0.05, 5 warmup epochs then cosine to
+  1e-5, 300 epochs at batch 1024, drop path 0.1, label smoothing 0.1, mixup 0.8 / CutMix 1.0, repeated
+  augmentation x3, EMA 0.99996.  The teacher is any classifier our code loads (our checkpoint or a
+  published .npz); it sees the same augmented, mixed batch in inference mode.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import vit
+from configs.common import parse_arg
+from configs.models import family_settings
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = parse_arg(arg, variant="digits", dataset="digits", teacher="", distill="hard", runlocal=False)
+  if a.distill not in ("hard", "soft", "none"):
+    raise ValueError(f"Unknown distill={a.distill!r}: choose 'hard', 'soft' or 'none'.")
+  base = "digits" if a.variant == "digits" else "B/16"
+  c = vit.get_config(f"variant={base},dataset={a.dataset}" + (",runlocal" if a.runlocal else ""))
+  distilled = a.distill != "none"
+  c.task = "distill" if distilled else "classification"
+  c.distill = ml_collections.ConfigDict(dict(teacher=a.teacher, type=a.distill if distilled else "hard",
+                                             alpha=0.5, tau=1.0))
+  c.distill.teacher_model = ml_collections.ConfigDict()  # setting overrides, e.g. activation for an .npz
+  if distilled and not a.teacher:
+    raise ValueError("configs/deit.py needs teacher=PATH (a checkpoint directory or .npz), or distill=none.")
+  if a.distill == "soft":
+    c.distill.update(alpha=0.1, tau=3.0)  # the paper's soft-distillation baseline
+  if a.variant == "digits":
+    c.model = ml_collections.ConfigDict(dict(
+        width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=2, channels=1, pool_type="token",
+        distilled=distilled, activation="gelu", drop_path_rate=0.1))
+    if not a.runlocal:
+      c.total_steps, c.eval_steps, c.checkpoint_steps = 600, 600, 600
+    return c
+  c.model = ml_collections.ConfigDict(dict(family_settings(a.variant), activation="gelu", drop_path_rate=0.1))
+  c.model.distilled = distilled
+  c.batch_size = c.eval_batch_size = 1024
+  c.total_epochs, c.total_steps = 300, None
+  c.optim.update(dict(name="adamw", lr=2.5e-4, scale_lr_by_batch=True, weight_decay=0.05, clip_norm=0.0))
+  c.optim.schedule.update(dict(warmup_epochs=5, warmup_steps=None, decay="cosine", min_lr=1e-5))
+  c.label_smoothing = 0.1
+  c.mixup.update(dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5))
+  c.data.repeated_augmentation = 3
+  c.ema_decay = 0.99996
+  return c
