@@ -159,6 +159,39 @@ def test_mixtoken_mixes_after_the_stem_and_unmixes_token_predictions():
   assert np.asarray(out["mix_mask"]).sum() == 6
 
 
+def test_token_labeling_task_loss_against_a_direct_computation():
+  """The task's MixToken batch loss: pixel-space mixing, manual un-mixing, area-weighted class targets."""
+  from vit_jax.train.tasks import TokenLabeling
+  model = dict(num_classes=5, patch_size=4, width=32, depth=1, num_heads=2, mlp_dim=64, token_head=True,
+               head_zeroinit=False)
+  task = TokenLabeling({"model": model, "token_label": dict(beta=0.5, mixtoken=True, label_smoothing=0.1)}, 5)
+  r = np.random.default_rng(5)
+  images = r.standard_normal((4, 16, 16, 3)).astype(np.float32)
+  batch = {"image": images, "label": np.array([0, 1, 2, 3]),
+           "score_values": r.standard_normal((4, 2, 4, 4)).astype(np.float32),
+           "score_indices": r.integers(0, 5, (4, 2, 4, 4)).astype(np.int32),
+           "geometry": np.tile(preprocess.IDENTITY, (4, 1))}
+  variables = perturb(task.init(jax.random.key(0), images), scale=0.3)
+  seed = next(s for s in range(100) if 0 < 1 - float(losses.mixtoken_box(
+      jax.random.split(jax.random.key(s))[0], (4, 4))[1]) < 1)  # a non-empty box
+  rng = jax.random.key(seed)
+  loss, _ = task.loss(variables["params"], {}, batch, rng)
+
+  box, kept = losses.mixtoken_box(jax.random.split(rng)[0], (4, 4))
+  t, l, b, rt = (int(v) for v in box)
+  mixed = images.copy()
+  mixed[:, 4 * t:4 * b, 4 * l:4 * rt] = images[::-1, 4 * t:4 * b, 4 * l:4 * rt]
+  _, out = task.model.apply(variables, mixed)
+  tokens = np.array(out["token_logits"]).reshape(4, 4, 4, 5)
+  tokens[:, t:b, l:rt] = tokens[::-1, t:b, l:rt].copy()
+  cls_t, tok_t = (np.asarray(a, np.float64) for a in score_maps.token_targets(batch, (4, 4), 5, 0.1))
+  kept = float(kept)
+  cls_t = kept * cls_t + (1 - kept) * cls_t[::-1]
+  ce = lambda z, q: -(q * log_softmax(z)).sum(-1)
+  want = np.mean(ce(out["logits_cls"], cls_t) + 0.5 * ce(tokens.reshape(4, 16, 5), tok_t).mean(-1))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
 def test_token_head_inference_adds_half_the_per_class_max_over_tokens():
   model = VisionTransformer(num_classes=5, patch_size=4, width=32, depth=1, num_heads=2, mlp_dim=64,
                             token_head=True, head_zeroinit=False)
