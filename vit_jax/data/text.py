@@ -1,0 +1,176 @@
+"""English-French sentence pairs: the Tatoeba / manythings `fra.txt` reader and vocabularies.
+
+    pairs = read_pairs("fra.txt")                        # or the downloaded fra-eng.zip
+    train, test = split_by_source(pairs, test_fraction=0.1, seed=0)
+    src_vocab = Vocab.build([p.source for p in train], level="char")
+    ids, lengths = src_vocab.encode_batch([p.source for p in train], max_len=64)
+
+`fra.txt` holds one pair per line: English, a tab, French and, in newer files, a tab and the Tatoeba
+attribution.  It is sorted by length and many English sentences have several translations, so the split
+is by unique English sentence: no source in the test split appears in training.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import os
+import random
+import re
+import zipfile
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+PAD, START, END, UNK = "<pad>", "\t", "\n", "<unk>"
+SPECIALS = (PAD, START, END, UNK)  # ids 0..3 in every vocabulary
+PAD_ID, START_ID, END_ID, UNK_ID = range(4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  source: str
+  target: str
+  attribution: str = ""
+
+
+def _lines(path: str) -> Iterable[str]:
+  if zipfile.is_zipfile(path):
+    with zipfile.ZipFile(path) as z:
+      names = [n for n in z.namelist() if n.endswith(".txt") and not os.path.basename(n).startswith("_")]
+      if len(names) != 1:
+        raise ValueError(f"{path}: expected one pairs file (e.g. fra.txt) in the zip, found {names}.")
+      with z.open(names[0]) as f:
+        yield from io.TextIOWrapper(f, encoding="utf-8")
+  else:
+    with open(path, encoding="utf-8") as f:
+      yield from f
+
+
+def normalize_spaces(text: str) -> str:
+  """French typography's narrow and non-breaking spaces (U+202F, U+00A0) as plain spaces."""
+  return text.replace("\u202f", " ").replace("\xa0", " ")
+
+
+def read_pairs(path: str, limit: int | None = None, plain_spaces: bool = False) -> list[Pair]:
+  """Pairs from a tab-separated file (2 or 3 columns) or a zip holding one; empty lines are skipped."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No sentence-pair file at {path!r}: pass the path of fra.txt (or fra-eng.zip), "
+                            "or generate a corpus with `python -m vit_jax.data.text --out FILE`.")
+  pairs = []
+  for number, line in enumerate(_lines(path), 1):
+    line = line.rstrip("\r\n")
+    if not line.strip():
+      continue
+    fields = line.split("\t")
+    if len(fields) < 2:
+      raise ValueError(f"{path}:{number}: expected 'English<TAB>French[<TAB>attribution]', got {line[:80]!r}.")
+    source, target = fields[0].strip(), fields[1].strip()
+    if plain_spaces:
+      source, target = normalize_spaces(source), normalize_spaces(target)
+    pairs.append(Pair(source, target, fields[2] if len(fields) > 2 else ""))
+    if limit is not None and len(pairs) >= limit:
+      break
+  if not pairs:
+    raise ValueError(f"{path}: no sentence pairs.")
+  return pairs
+
+
+def write_pairs(path: str, pairs: Iterable[Pair]) -> None:
+  """The same 3-column format; written to a temporary name and renamed, so a crash leaves no half file."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for p in pairs:
+      if any(c in s for s in (p.source, p.target, p.attribution) for c in "\t\n"):
+        raise ValueError(f"A pair contains a tab or newline: {p}.")
+      f.write(f"{p.source}\t{p.target}\t{p.attribution}\n")
+  os.replace(tmp, path)
+
+
+def split_by_source(pairs: Sequence[Pair], test_fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
+  """(train, test): unique sources shuffled with `seed`; every pair of a source lands on the same side."""
+  if not 0.0 < test_fraction < 1.0:
+    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+  sources = sorted({p.source for p in pairs})
+  random.Random(seed).shuffle(sources)
+  held_out = set(sources[:max(1, round(len(sources) * test_fraction))])
+  train = [p for p in pairs if p.source not in held_out]
+  test = [p for p in pairs if p.source in held_out]
+  return train, test
+
+
+_PUNCT_SPACE = re.compile(r"(?<=\S)([,.!?])")
+
+
+def word_tokens(text: str) -> list[str]:
+  """d2l's word tokenisation: plain spaces, lower case, punctuation split off."""
+  return _PUNCT_SPACE.sub(r" \1", normalize_spaces(text).lower()).split()
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+  """Token <-> id.  Ids 0..3 are padding, start ('\\t'), end ('\\n') and unknown; the rest sorted."""
+  tokens: tuple[str, ...]
+  level: str = "char"  # "char" or "word"
+
+  @classmethod
+  def build(cls, texts: Iterable[str], level: str = "char", min_freq: int = 1) -> Vocab:
+    if level not in ("char", "word"):
+      raise ValueError(f"Unknown vocabulary level {level!r}: choose 'char' or 'word'.")
+    counts = collections.Counter()
+    for text in texts:
+      counts.update(text if level == "char" else word_tokens(text))
+    kept = sorted(t for t, c in counts.items() if c >= min_freq and t not in SPECIALS)
+    return cls(SPECIALS + tuple(kept), level)
+
+  def __len__(self):
+    return len(self.tokens)
+
+  @property
+  def index(self) -> dict[str, int]:
+    return {t: i for i, t in enumerate(self.tokens)}
+
+  def split(self, text: str) -> list[str]:
+    return list(text) if self.level == "char" else word_tokens(text)
+
+  def encode(self, text: str, start: bool = False, end: bool = False) -> list[int]:
+    index = self.index
+    ids = [index.get(t, UNK_ID) for t in self.split(text)]
+    return [START_ID] * start + ids + [END_ID] * end
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Tokens up to the first end marker; padding and the start marker are dropped."""
+    out = []
+    for i in ids:
+      i = int(i)
+      if i == END_ID:
+        break
+      if i in (PAD_ID, START_ID):
+        continue
+      out.append(self.tokens[i] if 0 <= i < len(self.tokens) else UNK)
+    return "".join(out) if self.level == "char" else " ".join(out)
+
+  def encode_batch(self, texts: Sequence[str], max_len: int, start: bool = False,
+                   end: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """ids [N, max_len] int32 (0-padded) and lengths [N]; a text longer than max_len is an error."""
+    ids = np.zeros((len(texts), max_len), np.int32)
+    lengths = np.zeros((len(texts),), np.int32)
+    for n, text in enumerate(texts):
+      row = self.encode(text, start, end)
+      if len(row) > max_len:
+        raise ValueError(f"{text[:60]!r} is {len(row)} tokens with markers, more than max_len={max_len}; "
+                         "raise max_len or filter long pairs.")
+      ids[n, :len(row)], lengths[n] = row, len(row)
+    return ids, lengths
+
+  def save(self, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump({"level": self.level, "tokens": list(self.tokens)}, f, ensure_ascii=False)
+
+  @classmethod
+  def load(cls, path: str) -> Vocab:
+    with open(path, encoding="utf-8") as f:
+      d = json.load(f)
+    return cls(tuple(d["tokens"]), d["level"])
