@@ -77,3 +77,34 @@ def test_word_vocab_follows_d2l_tokenisation_and_min_freq():
   vocab = text.Vocab.build(["Il est calme.", "Il est riche."], level="word", min_freq=2)
   assert vocab.tokens[4:] == (".", "est", "il")
   assert vocab.decode(vocab.encode("Il est calme.", end=True)) == "il est <unk> ."
+
+
+def test_generated_corpus_is_real_french_deterministic_and_in_the_fra_format(tmp_path):
+  pairs = text.generate_corpus(numbers=60, dates=60, sentences=120, seed=5)
+  assert len(pairs) == 240 and len({p.source for p in pairs}) == 240
+  assert pairs == text.generate_corpus(numbers=60, dates=60, sentences=120, seed=5)
+  assert pairs != text.generate_corpus(numbers=60, dates=60, sentences=120, seed=6)
+  kinds = {p.attribution.split()[1] for p in pairs}
+  assert kinds == {"num2words", "babel", "pyrealb"}
+  text.write_pairs(str(tmp_path / "fra.txt"), pairs)
+  assert text.read_pairs(str(tmp_path / "fra.txt")) == pairs
+  assert max(len(p.source) for p in pairs) >= 60  # long sources exist for the length buckets
+
+
+def test_generator_parts_write_the_expected_french():
+  from babel.dates import format_date
+  from num2words import num2words
+  import datetime
+  assert (num2words(81, lang="fr"), num2words(200, lang="fr"), num2words(201, lang="fr")) == (
+      "quatre-vingt-un", "deux cents", "deux cent un")
+  day = datetime.date(2021, 7, 14)
+  assert (format_date(day, "full", locale="en"), format_date(day, "full", locale="fr")) == (
+      "Wednesday, July 14, 2021", "mercredi 14 juillet 2021")
+  noun = {en: i for i, (en, _) in enumerate(text.NOUNS)}
+  spec = dict(subj=noun["cat"], subj_plural=False, subj_def=True, verb=2, tense=1, obj=noun["apple"],
+              obj_plural=False, obj_def=False, adj=1, place=None, form="statement")  # find, past, old
+  assert text._realise(spec, french=False) == "The cat found an old apple."
+  assert text._realise(spec, french=True) == "Le chat a trouvé une vieille pomme."
+  spec.update(subj_plural=True, adj=5, obj_plural=True, form="negative", tense=2, place=0)  # red, garden
+  assert text._realise(spec, french=False) == "The cats will not find red apples in the garden."
+  assert text._realise(spec, french=True) == "Les chats ne trouveront pas des pommes rouges dans le jardin."

@@ -174,3 +174,127 @@ class Vocab:
     with open(path, encoding="utf-8") as f:
       d = json.load(f)
     return cls(tuple(d["tokens"]), d["level"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# An offline English-French corpus in the fra.txt format, from libraries that write real French:
+# number words (num2words), dates (babel's CLDR locales, which reorder day and month) and short
+# sentences (pyrealb's English and French realisers over the bilingual lexicon below).
+# ----------------------------------------------------------------------------------------------------
+
+NOUNS = (  # English, French (pyrealb's lexicons know the gender and the plurals)
+    ("cat", "chat"), ("dog", "chien"), ("apple", "pomme"), ("boy", "garçon"), ("girl", "fille"),
+    ("book", "livre"), ("car", "voiture"), ("teacher", "professeur"), ("friend", "ami"),
+    ("letter", "lettre"), ("child", "enfant"), ("woman", "femme"), ("man", "homme"), ("bird", "oiseau"),
+    ("tree", "arbre"), ("door", "porte"), ("window", "fenêtre"))
+PLACES = (("garden", "jardin"), ("city", "ville"), ("house", "maison"))
+VERBS = (("see", "voir"), ("eat", "manger"), ("find", "trouver"), ("love", "aimer"), ("want", "vouloir"),
+         ("buy", "acheter"), ("read", "lire"), ("open", "ouvrir"), ("watch", "regarder"))
+ADJECTIVES = (  # English, French, whether the French adjective comes before the noun
+    ("big", "grand", True), ("old", "vieux", True), ("small", "petit", True), ("new", "nouveau", True),
+    ("beautiful", "beau", True), ("red", "rouge", False), ("green", "vert", False), ("black", "noir", False))
+TENSES = (("p", "p"), ("ps", "pc"), ("f", "f"))  # present, past (preterite / passé composé), future
+
+
+def _sentence_spec(rng: random.Random) -> dict:
+  """One random clause: subject, verb, object with an optional adjective, optional place, form."""
+  return dict(
+      subj=rng.randrange(len(NOUNS)), subj_plural=rng.random() < 0.3, subj_def=rng.random() < 0.7,
+      verb=rng.randrange(len(VERBS)), tense=rng.randrange(len(TENSES)),
+      obj=rng.randrange(len(NOUNS)), obj_plural=rng.random() < 0.3, obj_def=rng.random() < 0.5,
+      adj=rng.randrange(len(ADJECTIVES)) if rng.random() < 0.6 else None,
+      place=rng.randrange(len(PLACES)) if rng.random() < 0.35 else None,
+      form=rng.choice(("statement", "statement", "negative", "question")))
+
+
+def _realise(spec: dict, french: bool) -> str:
+  import pyrealb as r  # noqa: PLC0415  (optional until a corpus is generated)
+
+  k = 1 if french else 0
+  (r.loadFr if french else r.loadEn)()
+  articles = ("le", "un") if french else ("the", "a")
+
+  def det(definite):
+    return r.D(articles[0 if definite else 1])
+
+  subject = r.NP(det(spec["subj_def"]), r.N(NOUNS[spec["subj"]][k])).n("p" if spec["subj_plural"] else "s")
+  obj = [det(spec["obj_def"]), r.N(NOUNS[spec["obj"]][k])]
+  if spec["adj"] is not None:
+    en, fr, before = ADJECTIVES[spec["adj"]]
+    adjective = r.A(fr if french else en)
+    obj.insert(1 if (before or not french) else 2, adjective)
+  verb_phrase = [r.V(VERBS[spec["verb"]][k]).t(TENSES[spec["tense"]][k]),
+                 r.NP(*obj).n("p" if spec["obj_plural"] else "s")]
+  if spec["place"] is not None:
+    verb_phrase.append(r.PP(r.P("dans" if french else "in"), r.NP(r.D("le" if french else "the"),
+                                                                   r.N(PLACES[spec["place"]][k]))))
+  clause = r.S(subject, r.VP(*verb_phrase))
+  if spec["form"] == "negative":
+    clause = clause.typ({"neg": True})
+  elif spec["form"] == "question":
+    clause = clause.typ({"int": "yon"})
+  return " ".join(clause.realize().split())
+
+
+def _number(rng: random.Random) -> tuple[str, str]:
+  from num2words import num2words  # noqa: PLC0415
+
+  n = int(10 ** rng.uniform(0, 6.3)) - 1  # 0 .. ~2M, log-uniform: short and long number words
+  return num2words(n, lang="en"), num2words(n, lang="fr")
+
+
+def _date(rng: random.Random) -> tuple[str, str]:
+  import datetime  # noqa: PLC0415
+
+  from babel.dates import format_date  # noqa: PLC0415
+
+  day = datetime.date(1900, 1, 1) + datetime.timedelta(days=rng.randrange(73_000))
+  return format_date(day, "full", locale="en"), format_date(day, "full", locale="fr")
+
+
+def generate_corpus(numbers: int = 3000, dates: int = 3000, sentences: int = 6000, seed: int = 0) -> list[Pair]:
+  """English-French pairs, deterministic in `seed`, one translation per (unique) English source."""
+  from importlib.metadata import version  # noqa: PLC0415
+
+  rng = random.Random(seed)
+  pairs: dict[str, Pair] = {}
+
+  def add(count: int, make, attribution: str):
+    target = len(pairs) + count
+    for _ in range(count * 20):  # small spaces (dates, short numbers) repeat; stop trying eventually
+      if len(pairs) >= target:
+        return
+      source, french = make()
+      if source not in pairs:
+        pairs[source] = Pair(source, french, attribution)
+
+  add(numbers, lambda: _number(rng), f"synthetic: num2words {version('num2words')}")
+  add(dates, lambda: _date(rng), f"synthetic: babel {version('babel')} dates")
+
+  def sentence():
+    spec = _sentence_spec(rng)
+    return _realise(spec, french=False), _realise(spec, french=True)
+
+  add(sentences, sentence, f"synthetic: pyrealb {version('pyrealb')}")
+  return list(pairs.values())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  import argparse  # noqa: PLC0415
+
+  parser = argparse.ArgumentParser(description="Write an offline English-French corpus in the fra.txt format.")
+  parser.add_argument("--out", required=True, help="output file (tab-separated English, French, attribution)")
+  parser.add_argument("--numbers", type=int, default=3000)
+  parser.add_argument("--dates", type=int, default=3000)
+  parser.add_argument("--sentences", type=int, default=6000)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  pairs = generate_corpus(args.numbers, args.dates, args.sentences, args.seed)
+  write_pairs(args.out, pairs)
+  lengths = sorted(len(p.source) for p in pairs)
+  print(f"wrote {len(pairs)} pairs to {args.out} (source length median {lengths[len(lengths) // 2]}, "
+        f"max {lengths[-1]}, {sum(n >= 60 for n in lengths)} with 60+ characters)")
+
+
+if __name__ == "__main__":
+  main()
