@@ -4,7 +4,9 @@ Sources (all random access, so any example can be read by index):
   * "digits": scikit-learn's bundled digits, prepared offline on first use (`digits.py`);
   * "folder:/path": image folders `/path/{train,test}/<class>/*.{jpg,jpeg,png}`;
   * any other name: a TFDS dataset already prepared in `data_dir` (array_record),
-    read with `tfds.data_source`, e.g. "cifar10", "imagenet2012", "oxford_iiit_pet".
+    read with `tfds.data_source`, e.g. "cifar10", "imagenet2012", "oxford_iiit_pet";
+  * text pairs (`text.py`): "en_fr_generated" (the offline corpus) or "pairs:/path/fra.txt", whose
+    examples are `{"source", "target"}` id arrays (no preprocessing ops).
 
 Training: the split is sharded by process (each host reads only its part),
 shuffled with a new order every epoch, preprocessed with a per-example random
@@ -31,9 +33,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 @dataclasses.dataclass
 class Source:
-  data: Any                      # random access: len(data), data[i] -> {"image", "label"}
-  num_classes: int
+  data: Any                      # random access: len(data), data[i] -> {"image", "label"} (or text ids)
+  num_classes: int               # classes, or the target vocabulary size of text pairs
   name: str
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)  # text: vocabularies and lengths
 
   def __len__(self) -> int:
     return len(self.data)
@@ -60,8 +63,20 @@ class ImageFolder:
       return {"image": f.read(), "label": label}
 
 
-def get_source(name: str, split: str, data_dir: str | None = None) -> Source:
-  """The named dataset's split as a random-access `Source` (see the module docstring)."""
+def get_source(name: str, split: str, data_dir: str | None = None,
+               text_options: dict[str, Any] | None = None) -> Source:
+  """The named dataset's split as a random-access `Source` (see the module docstring).
+
+  `text_options` go to `text.load_text_data` (level, test_fraction, corpus sizes, ...).
+  """
+  from vit_jax.data import text
+
+  if name == text.GENERATED or name.startswith("pairs:"):
+    if split not in ("train", "test"):
+      raise ValueError(f"Text pairs have the splits 'train' and 'test', not {split!r}.")
+    data = text.load_text_data(name, **dict(text_options or {}))
+    return Source(text.EncodedPairs(getattr(data, split), data), len(data.target_vocab), name,
+                  info={"text": data})
   if name.startswith("folder:"):
     root = name[len("folder:"):]
     train = ImageFolder(os.path.join(root, "train"))
@@ -101,6 +116,8 @@ EXTRA_KEYS = ("score_values", "score_indices", "geometry")  # token labeling (sc
 
 class _Select(grain.MapTransform):
   def map(self, example):
+    if "image" not in example:  # text ids
+      return {k: np.asarray(v) for k, v in example.items()}
     out = {"image": np.asarray(example["image"], np.float32), "label": np.int32(example["label"])}
     out.update({k: np.asarray(example[k]) for k in EXTRA_KEYS if k in example})
     return out
@@ -131,14 +148,61 @@ class RepeatedAugmentation:
     return self.data[int(self.order(epoch)[pos])]
 
 
+class LengthBucketedBatches:
+  """Whole batches of text pairs of similar length, trimmed to that length: far less padding.
+
+  Each epoch: shuffle (seeded by epoch), cut into chunks of `pool` batches, sort each chunk by length
+  (the longer of source and target), cut into batches, shuffle the batches.  A batch's arrays are cut
+  to the batch's longest pair rounded up to `multiple`, so only a handful of shapes (compilations)
+  occur.  Random access over an endless stream: batch i is a pure function of (seed, i).
+  """
+
+  def __init__(self, data, batch_size: int, seed: int, multiple: int = 16, pool: int = 32):
+    self.data, self.batch_size, self.seed, self.multiple, self.pool = data, batch_size, seed, multiple, pool
+    self.lengths = np.maximum((data.source != 0).sum(1), (data.target != 0).sum(1) - 1)
+    self.per_epoch = len(data) // batch_size
+    if not self.per_epoch:
+      raise ValueError(f"{len(data)} pairs cannot fill one batch of {batch_size}.")
+    self._epoch: tuple[int, list[np.ndarray]] | None = None
+
+  def __len__(self) -> int:
+    return self.per_epoch * 10 ** 9
+
+  def batches(self, epoch: int) -> list[np.ndarray]:
+    if self._epoch is None or self._epoch[0] != epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      order = rng.permutation(len(self.data))
+      chunk = self.batch_size * self.pool
+      out = []
+      for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        part = part[np.argsort(self.lengths[part], kind="stable")]
+        out += [part[i:i + self.batch_size] for i in range(0, len(part) - self.batch_size + 1, self.batch_size)]
+      self._epoch = (epoch, [out[i] for i in rng.permutation(len(out))])
+    return self._epoch[1]
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    epoch, pos = divmod(int(i), self.per_epoch)
+    rows = self.batches(epoch)[pos]
+    n = -(-int(self.lengths[rows].max()) // self.multiple) * self.multiple
+    s, t = min(n, self.data.source.shape[1]), min(n, self.data.target.shape[1] - 1)
+    return {"source": self.data.source[rows, :s], "target": self.data.target[rows, :t + 1]}
+
+
 def train_dataset(source: Source, pp: str, batch_size: int, *, seed: int, process_index: int = 0,
                   process_count: int = 1, repeated_augmentation: int = 1) -> grain.IterDataset:
   """An endless, shuffled, augmented stream of `batch_size` batches for this process.
 
   repeated_augmentation > 1: DeiT's sampling (`RepeatedAugmentation`) within this process's shard.
+  Text pairs come in length buckets (`LengthBucketedBatches`).
   """
   if len(source) < process_count:
     raise ValueError(f"{source.name} has {len(source)} examples for {process_count} processes.")
+  if source.info.get("text") is not None:
+    from vit_jax.data import text
+    shard = text.EncodedPairs(source.data.pairs[process_index::process_count], source.info["text"])
+    ds = grain.MapDataset.source(LengthBucketedBatches(shard, batch_size, seed))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
   if repeated_augmentation > 1:
     shard = grain.MapDataset.source(source.data)[process_index::process_count]
     ds = grain.MapDataset.source(RepeatedAugmentation(shard, repeated_augmentation, seed))
@@ -170,6 +234,6 @@ def eval_batches(source: Source, pp: str, batch_size: int, *, process_index: int
     else:
       mask = [1] * len(examples)
     pad = batch_size - len(examples)
-    images = np.stack([e["image"] for e in examples] + [np.zeros_like(examples[0]["image"])] * pad)
-    labels = np.array([e["label"] for e in examples] + [0] * pad, np.int32)
-    yield {"image": images, "label": labels, "mask": np.array(mask + [0] * pad, np.float32)}
+    batch = {k: np.stack([e[k] for e in examples] + [np.zeros_like(examples[0][k])] * pad) for k in examples[0]}
+    batch["mask"] = np.array(mask + [0] * pad, np.float32)
+    yield batch

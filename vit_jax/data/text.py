@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -277,6 +278,68 @@ def generate_corpus(numbers: int = 3000, dates: int = 3000, sentences: int = 600
 
   add(sentences, sentence, f"synthetic: pyrealb {version('pyrealb')}")
   return list(pairs.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training data: a corpus split by source, vocabularies from the training side, fixed-length id arrays.
+# ----------------------------------------------------------------------------------------------------
+
+GENERATED = "en_fr_generated"  # config.data.name of the generated corpus; "pairs:/path/fra.txt" for a file
+
+
+@dataclasses.dataclass(frozen=True)
+class TextData:
+  """A split corpus ready for training: `source [S]` and `target [T + 1]` (start ... end) id arrays."""
+  train: tuple[Pair, ...]
+  test: tuple[Pair, ...]
+  source_vocab: Vocab
+  target_vocab: Vocab
+  source_len: int  # S
+  target_len: int  # T: decoder steps; target arrays hold T + 1 ids
+
+
+def _round_up(n: int, multiple: int = 8) -> int:
+  return -(-n // multiple) * multiple
+
+
+@functools.lru_cache(maxsize=8)
+def load_text_data(name: str, *, level: str = "char", test_fraction: float = 0.1, split_seed: int = 0,
+                   limit: int | None = None, numbers: int = 3000, dates: int = 3000, sentences: int = 6000,
+                   corpus_seed: int = 0, plain_spaces: bool = True) -> TextData:
+  """`name`: "en_fr_generated" (`generate_corpus(numbers, dates, sentences, corpus_seed)`) or
+  "pairs:/path/fra.txt" (the first `limit` pairs).  Vocabularies come from the training split only;
+  lengths are the longest pair of either split, rounded up to a multiple of 8."""
+  if name == GENERATED:
+    pairs = generate_corpus(numbers, dates, sentences, corpus_seed)
+  elif name.startswith("pairs:"):
+    pairs = read_pairs(name[len("pairs:"):], limit=limit, plain_spaces=plain_spaces)
+  else:
+    raise ValueError(f"Unknown text dataset {name!r}: use {GENERATED!r} or 'pairs:/path/to/fra.txt'.")
+  if limit:
+    pairs = pairs[:limit]
+  train, test = split_by_source(pairs, test_fraction, split_seed)
+  source_vocab = Vocab.build((p.source for p in train), level)
+  target_vocab = Vocab.build((p.target for p in train), level)
+  everything = train + test
+  source_len = _round_up(max(len(source_vocab.split(p.source)) for p in everything))
+  target_len = _round_up(max(len(target_vocab.split(p.target)) for p in everything) + 1)
+  return TextData(tuple(train), tuple(test), source_vocab, target_vocab, source_len, target_len)
+
+
+class EncodedPairs:
+  """Random access over one split: `{"source": int32 [S], "target": int32 [T + 1]}` per pair."""
+
+  def __init__(self, pairs: Sequence[Pair], data: TextData):
+    self.pairs = list(pairs)
+    self.source, _ = data.source_vocab.encode_batch([p.source for p in pairs], data.source_len)
+    self.target, _ = data.target_vocab.encode_batch([p.target for p in pairs], data.target_len + 1,
+                                                    start=True, end=True)
+
+  def __len__(self) -> int:
+    return len(self.pairs)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return {"source": self.source[i], "target": self.target[i]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -306,10 +306,12 @@ class AdditiveAttention(nn.Module):
   """Bahdanau attention: score(q, k) = v_a^T tanh(W_a q + U_a k).
 
   Params: `query` (W_a), `key` (U_a) and `energy` (v_a, no bias).
-  `features` is the alignment width n' of the paper.
+  `features` is the alignment width n' of the paper.  With `keys_projected=True` the caller passes
+  U_a k itself (a step-by-step decoder computes it once per source) and the module has no `key`.
   """
   features: int
   use_bias: bool = False
+  keys_projected: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -321,7 +323,7 @@ class AdditiveAttention(nn.Module):
     dense = lambda name, bias: nn.Dense(self.features, use_bias=bias, dtype=self.dtype,
                                         param_dtype=self.param_dtype, name=name)
     q = dense("query", self.use_bias)(query)
-    k = dense("key", self.use_bias)(key)
+    k = key if self.keys_projected else dense("key", self.use_bias)(key)
     hidden = jnp.tanh(q[..., :, None, :] + k[..., None, :, :])  # [..., q, k, features]
     scores = nn.Dense(1, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                       name="energy")(hidden)[..., 0]

@@ -63,7 +63,7 @@ class Progress:
     fmt = lambda s: str(datetime.timedelta(seconds=int(s)))
     parts = [f"step {step}/{self.total} ({100 * step / self.total:.0f}%)"]
     for name, short, f in (("train/loss", "loss", "{:.4f}"), ("train/lr", "lr", "{:.2e}"),
-                           ("perf/img_per_sec", "img/s", "{:.0f}")):
+                           ("perf/img_per_sec", "img/s", "{:.0f}"), ("perf/pairs_per_sec", "pairs/s", "{:.0f}")):
       if name in metrics and math.isfinite(metrics[name]):
         parts.append(f"{short} {f.format(metrics[name])}")
     parts += [f"elapsed {fmt(elapsed)}", f"ETA {fmt(eta)}"]

@@ -5,12 +5,19 @@ A task builds the model and provides pure functions:
   init(rng, images) -> variables                        {"params", optional "batch_stats"}
   loss(params, extra, batch, rng, constants) -> (loss, (metrics, new_extra))
                                                         train mode; extra = batch_stats; constants =
-                                                        the task's `constants` (e.g. a teacher's weights),
-                                                        passed in by the trainer, never trained or saved
+                                                        the task's `constants` (e.g. a teacher's weights)
+                                                        plus "step", passed in by the trainer, never
+                                                        trained or saved
   evaluate(variables, batch) -> per-batch sums          {"count": examples, name: sum, ...}; the trainer
                                                         reports eval/<name> = sum / count
 
-Tasks: classification, distill (DeiT), token_label (LV-ViT), mae.
+Optional, for tasks whose inputs are not images (seq2seq):
+  dummy_input() -> batch                                shapes for init; init then gets the whole batch
+  evaluate may also return per-example arrays under keys starting with "_"; the trainer concatenates
+  them over the evaluation set (padding dropped) and reports summarize(arrays) -> {name: value}.
+  saved_config() -> dict                                stored with every checkpoint (e.g. vocabularies)
+
+Tasks: classification, distill (DeiT), token_label (LV-ViT), mae, seq2seq.
 """
 
 from __future__ import annotations
@@ -19,10 +26,12 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from vit_jax.data import mixing, score_maps
+from vit_jax.data import mixing, score_maps, text
 from vit_jax.models.mae import MaskedAutoencoder, reconstruction_loss
+from vit_jax.models.seq2seq import Seq2Seq
 from vit_jax.models.vit import VisionTransformer
 from vit_jax.train import losses
 
@@ -202,12 +211,132 @@ class TokenLabeling(Classification):
     return jnp.mean(per_example), ({"train/accuracy": correct}, dict(new_extra))
 
 
+SAMPLING_SCHEDULES = ("none", "constant", "linear", "exponential", "inverse_sigmoid")
+
+
+def truth_probability(step: jax.Array, schedule: str, *, k: float = 1.0, decay_steps: int = 1,
+                      min_prob: float = 0.0, prob: float = 1.0) -> jax.Array:
+  """Scheduled sampling's epsilon_i, the probability of feeding the true previous token at step i.
+
+  constant: `prob`; linear: 1 -> `min_prob` over `decay_steps`; exponential: k ** i (k < 1);
+  inverse_sigmoid: k / (k + exp(i / k)) (k >= 1) -- the decays of Bengio et al. (2015), floored at
+  `min_prob`.
+  """
+  i = jnp.asarray(step, jnp.float32)
+  if schedule == "none":
+    return jnp.float32(1.0)
+  if schedule == "constant":
+    p = jnp.float32(prob)
+  elif schedule == "linear":
+    p = 1.0 - (1.0 - min_prob) * jnp.minimum(i / max(decay_steps, 1), 1.0)
+  elif schedule == "exponential":
+    p = jnp.power(jnp.float32(k), i)
+  elif schedule == "inverse_sigmoid":
+    p = k / (k + jnp.exp(jnp.minimum(i / k, 80.0)))
+  else:
+    raise ValueError(f"Unknown scheduled_sampling.schedule {schedule!r}: choose one of {SAMPLING_SCHEDULES}.")
+  return jnp.maximum(p, min_prob)
+
+
+class SequenceToSequence:
+  """Translation with `Seq2Seq`: token cross-entropy on non-padding positions, teacher forcing or
+  scheduled sampling, and evaluation by teacher-forced loss / token accuracy plus greedy decoding
+  (exact match, corpus BLEU and chrF on the decoded strings).
+
+  config.scheduled_sampling: schedule (see `truth_probability`), k, decay_steps, min_prob, prob.
+  The batch holds `source [B, S]` and `target [B, T + 1]` (start ... end); the decoder reads
+  target[:, :-1] and predicts target[:, 1:].
+  """
+  needs_source_info = True
+  unit = "pairs"
+
+  def __init__(self, config: Mapping[str, Any], num_classes: int, source_info: Mapping[str, Any]):
+    data: text.TextData = source_info["text"]
+    model = config["model"]
+    settings = model.to_dict() if hasattr(model, "to_dict") else dict(model)
+    settings.update(source_vocab=len(data.source_vocab), target_vocab=num_classes)
+    if settings.get("kind") == "transformer":
+      settings["max_len"] = max(int(settings.get("max_len") or 0), data.source_len, data.target_len)
+    self.settings = settings
+    self.model = Seq2Seq(**settings)
+    self.data = data
+    self.label_smoothing = float(config.get("label_smoothing", 0.0) or 0.0)
+    sampling = dict(config.get("scheduled_sampling") or {})
+    self.schedule = sampling.pop("schedule", "none")
+    truth_probability(0, self.schedule, **sampling)  # unknown schedule or option: fail now
+    self.sampling = sampling
+    self.constants: dict[str, Any] = {}
+
+  def dummy_input(self) -> dict[str, jax.Array]:
+    return {"source": jnp.zeros((1, self.data.source_len), jnp.int32),
+            "target": jnp.zeros((1, self.data.target_len + 1), jnp.int32)}
+
+  def saved_config(self) -> dict[str, Any]:
+    return {"source_vocab": {"level": self.data.source_vocab.level, "tokens": list(self.data.source_vocab.tokens)},
+            "target_vocab": {"level": self.data.target_vocab.level, "tokens": list(self.data.target_vocab.tokens)},
+            "source_len": self.data.source_len, "target_len": self.data.target_len}
+
+  def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, Any]:
+    return dict(self.model.init({"params": rng, "dropout": rng}, batch["source"], batch["target"][:, :-1]))
+
+  def _token_loss(self, logits, targets):
+    labels = jax.nn.one_hot(targets, logits.shape[-1])
+    if self.label_smoothing:
+      labels = optax.smooth_labels(labels, self.label_smoothing)
+    mask = (targets != text.PAD_ID).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels) * mask
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * mask
+    return ce, correct, mask
+
+  def loss(self, params, extra, batch, rng, constants=None):
+    r_truth, r_drop = jax.random.split(rng)
+    target_in, target_out = batch["target"][:, :-1], batch["target"][:, 1:]
+    use_truth, p = None, jnp.float32(1.0)
+    if self.schedule != "none":
+      p = truth_probability((constants or {}).get("step", 0), self.schedule, **self.sampling)
+      use_truth = jax.random.bernoulli(r_truth, p, target_in.shape)
+    logits, _ = self.model.apply({"params": params, **extra}, batch["source"], target_in, use_truth=use_truth,
+                                 deterministic=False, rngs={"dropout": r_drop})
+    ce, correct, mask = self._token_loss(logits, target_out)
+    tokens = jnp.maximum(mask.sum(), 1.0)
+    return ce.sum() / tokens, ({"train/token_accuracy": correct.sum() / tokens, "train/truth_prob": p},
+                               dict(extra))
+
+  def evaluate(self, variables, batch):
+    from vit_jax import decode  # noqa: PLC0415
+
+    target_in, target_out = batch["target"][:, :-1], batch["target"][:, 1:]
+    logits, _ = self.model.apply(variables, batch["source"], target_in)
+    ce, correct, mask = self._token_loss(logits, target_out)
+    decoded, _ = decode.greedy(self.model, variables, batch["source"], max_len=self.data.target_len)
+    exact = jnp.all(decoded == target_out, axis=-1).astype(jnp.float32)
+    m = batch["mask"]
+    return {"count": m.sum(), "loss": jnp.sum(ce.sum(-1) / jnp.maximum(mask.sum(-1), 1.0) * m),
+            "exact_match": jnp.sum(exact * m), "_correct": correct.sum(-1), "_tokens": mask.sum(-1),
+            "_decoded": decoded, "_target": target_out}
+
+  def summarize(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Token accuracy over all non-padding positions; corpus BLEU and chrF of the greedy translations."""
+    from vit_jax.evaluate import bleu  # noqa: PLC0415
+
+    vocab = self.data.target_vocab
+    hyps = [vocab.decode(row) for row in arrays["_decoded"]]
+    refs = [vocab.decode(row) for row in arrays["_target"]]
+    return {"token_accuracy": float(arrays["_correct"].sum() / max(arrays["_tokens"].sum(), 1.0)),
+            "bleu": bleu.corpus_bleu(hyps, [refs]).score, "chrf": bleu.corpus_chrf(hyps, [refs]).score}
+
+
 TASKS = {"classification": Classification, "distill": Distillation, "token_label": TokenLabeling,
-         "mae": MaskedPretraining}
+         "mae": MaskedPretraining, "seq2seq": SequenceToSequence}
 
 
-def get_task(config: Mapping[str, Any], num_classes: int):
+def get_task(config: Mapping[str, Any], num_classes: int, source_info: Mapping[str, Any] | None = None):
   name = config.get("task", "classification")
   if name not in TASKS:
     raise ValueError(f"Unknown task {name!r}: choose one of {sorted(TASKS)}.")
+  if getattr(TASKS[name], "needs_source_info", False):
+    if not (source_info or {}).get("text"):
+      raise ValueError(f"The {name} task needs text pairs: set config.data.name to 'en_fr_generated' or "
+                       "'pairs:/path/to/fra.txt'.")
+    return TASKS[name](config, num_classes, source_info)
   return TASKS[name](config, num_classes)

@@ -66,12 +66,16 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
     raise ValueError(f"batch_size={global_batch} must divide evenly over {jax.process_count()} processes and "
                      f"the {mesh.shape['data'] * mesh.shape['fsdp']} batch shards of the mesh.")
   local_batch = global_batch // jax.process_count()
-  train_source = input_pipeline.get_source(config.data.name, config.data.train_split, config.data.data_dir)
+  text_options = config.data.get("text")
+  text_options = text_options.to_dict() if hasattr(text_options, "to_dict") else text_options
+  train_source = input_pipeline.get_source(config.data.name, config.data.train_split, config.data.data_dir,
+                                           text_options)
   if config.data.get("score_maps"):  # token labeling: each example carries its teacher score map
     train_source = input_pipeline.Source(
         score_maps.ScoreMapSource(train_source.data, config.data.score_maps, dataset=config.data.name,
                                   split=config.data.train_split), train_source.num_classes, train_source.name)
-  eval_source = input_pipeline.get_source(config.data.name, config.data.eval_split, config.data.data_dir)
+  eval_source = input_pipeline.get_source(config.data.name, config.data.eval_split, config.data.data_dir,
+                                          text_options)
   steps_per_epoch = len(train_source) / global_batch
   total_steps = optim.to_steps(config, "total", steps_per_epoch=steps_per_epoch, batch_size=global_batch)
   train_data = input_pipeline.train_dataset(
@@ -79,10 +83,14 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
       process_count=jax.process_count(), repeated_augmentation=int(config.data.get("repeated_augmentation", 1) or 1))
 
   # ---------------------------------------------------------------- model
-  task = tasks.get_task(config, train_source.num_classes)
-  h, w = _image_size(config)
-  channels = task.settings.get("channels", 3)
-  dummy = jnp.zeros((1, h, w, channels), jnp.float32)  # shapes for init; parameters do not depend on the batch
+  task = tasks.get_task(config, train_source.num_classes, train_source.info)
+  if hasattr(task, "dummy_input"):  # e.g. text: {"source", "target"} ids
+    dummy = task.dummy_input()
+    h = w = channels = None
+  else:
+    h, w = _image_size(config)
+    channels = task.settings.get("channels", 3)
+    dummy = jnp.zeros((1, h, w, channels), jnp.float32)  # shapes for init; parameters do not depend on the batch
 
   # ---------------------------------------------------------------- optimizer
   variables_shape = jax.eval_shape(task.init, jax.random.key(0), dummy)
@@ -112,8 +120,8 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
 
   # ---------------------------------------------------------------- resume / init
   ckpt = train_checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, keep_every=config.get("keep_every_steps"))
-  saved_config = {"task": config.get("task", "classification"), "model": settings_to_json(task.settings),
-                  "image_size": [h, w]}
+  saved_config = {"task": config.get("task", "classification"), "model": settings_to_json(task.settings)}
+  saved_config.update(task.saved_config() if hasattr(task, "saved_config") else {"image_size": [h, w]})
   restored = ckpt.restore_latest(abstract_state)
   train_iter = iter(train_data)
   if restored is not None:
@@ -140,6 +148,7 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
 
   def train_step(state, consts, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    consts = dict(consts, step=state["step"])  # e.g. scheduled sampling's decay
     params, extra = state["params"], state["extra"]
     if accumulate == 1:
       loss, m, extra, grads = grads_of(params, extra, batch, rng, consts)
@@ -185,16 +194,24 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
     return metrics
 
   def evaluate_params(params, extra, prefix: str) -> dict[str, float]:
-    sums = None
+    sums, arrays = None, {}
     for batch in input_pipeline.eval_batches(eval_source, config.data.pp_eval, eval_batch,
                                              process_index=jax.process_index(), process_count=jax.process_count()):
       out = eval_fn(params, extra, sharding.put_batch(batch, mesh))
+      per_example = {k: out.pop(k) for k in list(out) if k.startswith("_")}
+      if per_example:  # gathered whole (replicated output): keep the real examples' rows
+        keep = batch_mask_of(batch) > 0
+        for k, v in jax.device_get(per_example).items():
+          arrays.setdefault(k, []).append(np.asarray(v)[keep])
       sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     count = float(sums["count"])
     if count != len(eval_source):
       raise AssertionError(f"Evaluated {count} examples of {len(eval_source)}.")
-    return {f"{prefix}/{k}": float(v) / count for k, v in sorted(sums.items()) if k != "count"}
+    metrics = {k: float(v) / count for k, v in sums.items() if k != "count"}
+    if arrays:
+      metrics.update(task.summarize({k: np.concatenate(v) for k, v in arrays.items()}))
+    return {f"{prefix}/{k}": v for k, v in sorted(metrics.items())}
 
   # ---------------------------------------------------------------- loop
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
@@ -211,7 +228,10 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
     for step in range(first_step + 1, total_steps + 1):
       batch = next(train_iter)
       if not checked_shape:
-        _check_batch(batch, (local_batch, h, w, channels))
+        if h is None:
+          _check_arrays(batch, {k: local_batch for k in dummy})  # lengths vary (length buckets)
+        else:
+          _check_batch(batch, (local_batch, h, w, channels))
         checked_shape = True
       state, m = step_fn(state, constants, sharding.put_batch(batch, mesh))
       seen += global_batch
@@ -222,7 +242,7 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
         m = jax.device_get(m)
         _check_finite(step, m["train/loss"])
         toc = time.perf_counter()
-        m["perf/img_per_sec"] = seen / (toc - tic)
+        m[f"perf/{getattr(task, 'unit', 'img')}_per_sec"] = seen / (toc - tic)
         tic, seen = toc, 0
         writer.write(step, m)
         progress.update(step, m)
@@ -255,6 +275,21 @@ def _check_batch(batch: Mapping[str, np.ndarray], expected: tuple[int, ...]) -> 
     raise ValueError(f"The input pipeline gives images of shape {got} but the model expects {expected} "
                      "(batch, height, width, channels): fix config.data.image_size / pp_train or the model's "
                      "channels.")
+
+
+def _check_arrays(batch: Mapping[str, np.ndarray], expected: Mapping[str, int]) -> None:
+  for k, rows in expected.items():
+    if k not in batch or np.shape(batch[k])[:1] != (rows,):
+      raise ValueError(f"The input pipeline gives {k!r} of shape {np.shape(batch.get(k))}, not a batch of "
+                       f"{rows} rows: check config.batch_size and the dataset.")
+
+
+def batch_mask_of(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+  """The evaluation batch's `mask` for the whole global batch (what the replicated outputs hold)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    return np.asarray(multihost_utils.process_allgather(batch["mask"], tiled=True))
+  return np.asarray(batch["mask"])
 
 
 def _load_init(config, state, state_sharding):
