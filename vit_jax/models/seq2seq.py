@@ -436,9 +436,45 @@ class Seq2Seq(nn.Module):
     return self._decode_all(memory, mixed, deterministic)
 
 
+class BiRNNClassifier(nn.Module):
+  """The classic bi-directional LSTM image classifier: each image row is one time step.
+
+  `images [batch, height, width, channels]` -> a sequence of `height` vectors of width * channels values;
+  the forward direction's last output and the backward direction's last output (after reading row 0)
+  are merged (concat, as Keras' Bidirectional(LSTM) with return_sequences=False) and classified.
+  Returns `(logits, {})` like `VisionTransformer`, so the classification task trains it unchanged.
+  """
+  num_classes: int
+  cell: str = "lstm"
+  hidden: int = 128
+  num_layers: int = 1
+  merge: str = "concat"
+  dropout_rate: float = 0.0
+  channels: int = 1
+
+  @nn.compact
+  def __call__(self, images: Array, *, train: bool = False):
+    _check_choice("cell", self.cell, CELLS)
+    _check_choice("merge mode", self.merge, MERGES)
+    if images.ndim != 4 or images.shape[-1] != self.channels:
+      raise ValueError(f"BiRNNClassifier expects images [batch, height, width, {self.channels}], got "
+                       f"{images.shape}.")
+    x = images.reshape(images.shape[0], images.shape[1], -1)
+    for i in range(self.num_layers):
+      if i:
+        x = nn.Dropout(self.dropout_rate)(x, not train)
+      fwd = nn.RNN(CELLS[self.cell](self.hidden, parent=None), name=f"layer_{i}_forward")(x)
+      bwd = nn.RNN(CELLS[self.cell](self.hidden, parent=None), reverse=True, keep_order=True,
+                   name=f"layer_{i}_backward")(x)
+      x = MERGES[self.merge](fwd, bwd)
+      last = MERGES[self.merge](fwd[:, -1], bwd[:, 0])
+    last = nn.Dropout(self.dropout_rate)(last, not train)
+    return nn.Dense(self.num_classes, name="head")(last), {}
+
+
 def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
-__all__: Sequence[str] = ("Seq2Seq", "RNNEncoder", "RNNDecoderCell", "DecoderBlock", "DecoderAttention",
+__all__: Sequence[str] = ("Seq2Seq", "BiRNNClassifier", "RNNEncoder", "RNNDecoderCell", "DecoderBlock", "DecoderAttention",
                           "sinusoidal_positions", "CELLS", "MERGES", "ATTENTIONS")

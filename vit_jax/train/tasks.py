@@ -31,9 +31,20 @@ import optax
 
 from vit_jax.data import mixing, score_maps, text
 from vit_jax.models.mae import MaskedAutoencoder, reconstruction_loss
-from vit_jax.models.seq2seq import Seq2Seq
+from vit_jax.models.seq2seq import BiRNNClassifier, Seq2Seq
 from vit_jax.models.vit import VisionTransformer
 from vit_jax.train import losses
+
+
+def build_classifier(settings: Mapping[str, Any]):
+  """A classifier from its settings: a ViT, or `family="birnn"` for the row-by-row bi-directional RNN."""
+  settings = dict(settings)
+  family = settings.pop("family", "vit")
+  if family == "vit":
+    return VisionTransformer(**settings)
+  if family == "birnn":
+    return BiRNNClassifier(**settings)
+  raise ValueError(f"Unknown model family {family!r}: choose 'vit' or 'birnn'.")
 
 
 class Classification:
@@ -44,7 +55,7 @@ class Classification:
     settings = model.to_dict() if hasattr(model, "to_dict") else dict(model)
     settings["num_classes"] = num_classes
     self.settings = settings
-    self.model = VisionTransformer(**settings)
+    self.model = build_classifier(settings)
     self.num_classes = num_classes
     self.label_smoothing = float(config.get("label_smoothing", 0.0) or 0.0)
     self.mix = dict(config.get("mixup") or {})
