@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) bench/vit_step.py
 	$(PY) bench/input_pipeline.py
 	$(PY) bench/mae_step.py --variant S/16 --batch 8 --decoders 256x1,128x1
+	$(PY) bench/decode.py
 
 clean:
 	rm -rf $(VENV) $(TIMM_VENV) .pytest_cache

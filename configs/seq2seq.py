@@ -12,7 +12,8 @@ Models (`model=`):
   luong         global attention with `score=` dot / general / concat, input feeding
   local         Luong local-p attention (D = `window`), input feeding; local_m: local-m
   transformer   pre-norm Transformer encoder-decoder
-`cell=lstm|gru`, `layers=N`, `hidden=N` apply to the RNN models.  `sampling=` none (teacher forcing),
+`cell=lstm|gru` and `layers=N` apply to the RNN models (a Transformer has at least 3 layers); `hidden=N`
+is the RNN width or the Transformer's model width.  `sampling=` none (teacher forcing),
 linear, exponential or inverse_sigmoid (scheduled sampling, see vit_jax.train.tasks).
 
 Data: `dataset=en_fr_generated` (default; the offline corpus of vit_jax.data.text, 12,000 pairs, a
@@ -59,7 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   embed = None if arg.level == "char" else 256  # one-hot characters, learned word embeddings
   if arg.model == "transformer":
-    c.model = dict(kind="transformer", hidden=256, num_layers=max(arg.layers, 3), num_heads=4, mlp_dim=1024,
+    c.model = dict(kind="transformer", hidden=arg.hidden, num_layers=max(arg.layers, 3), num_heads=4,
+                   mlp_dim=4 * arg.hidden,
                    dropout_rate=0.1, attention_dropout_rate=0.0)
     c.optim = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, b1=0.9, b2=0.98, weight_decay=0.01,
                                              clip_norm=1.0, scale_lr_by_batch=False, lr_mults=(), wd_mults=(),
