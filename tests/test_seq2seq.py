@@ -214,6 +214,7 @@ def test_transformer_scheduled_sampling_is_two_pass():
   assert np.abs(np.asarray(logits) - np.asarray(first)).max() > 1e-3
 
 
+@pytest.mark.slow  # the un-jitted while_loops run op by op
 @pytest.mark.parametrize("name", ["bahdanau", "local_p", "transformer"])
 def test_greedy_is_identical_with_and_without_jit(name):
   model, variables = built(name)
