@@ -472,9 +472,5 @@ class BiRNNClassifier(nn.Module):
     return nn.Dense(self.num_classes, name="head")(last), {}
 
 
-def count_params(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
-
-
 __all__: Sequence[str] = ("Seq2Seq", "BiRNNClassifier", "RNNEncoder", "RNNDecoderCell", "DecoderBlock", "DecoderAttention",
                           "sinusoidal_positions", "CELLS", "MERGES", "ATTENTIONS")
