@@ -12,9 +12,10 @@ Models (`model=`):
   luong         global attention with `score=` dot / general / concat, input feeding
   local         Luong local-p attention (D = `window`), input feeding; local_m: local-m
   transformer   pre-norm Transformer encoder-decoder
-`cell=lstm|gru` and `layers=N` apply to the RNN models (a Transformer has at least 3 layers); `hidden=N`
-is the RNN width or the Transformer's model width.  `sampling=` none (teacher forcing),
-linear, exponential or inverse_sigmoid (scheduled sampling, see vit_jax.train.tasks).
+`cell=lstm|gru`, `layers=N` and `encoder=uni|bi` (bi-directional, two directions of hidden/2; the default
+for bahdanau) apply to the RNN models (a Transformer has at least 3 layers); `hidden=N` is the RNN
+decoder's width or the Transformer's model width.  `sampling=` none (teacher forcing), linear,
+exponential or inverse_sigmoid (scheduled sampling, see vit_jax.train.tasks).
 
 Data: `dataset=en_fr_generated` (default; the offline corpus of vit_jax.data.text, 12,000 pairs, a
 10% held-out split with no source shared with training) or `pairs:/path/fra.txt` (the Tatoeba file).
@@ -32,9 +33,12 @@ MODELS = ("none", "bahdanau", "luong", "local", "local_m", "transformer")
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, model="luong", cell="lstm", layers=1, hidden=256, score="general", window=10,
-                  sampling="none", dataset="en_fr_generated", level="char", runlocal=False)
+                  encoder="", sampling="none", dataset="en_fr_generated", level="char", runlocal=False)
   if arg.model not in MODELS:
     raise ValueError(f"Unknown seq2seq model {arg.model!r}: choose one of {MODELS}.")
+  encoder = arg.encoder or ("bi" if arg.model == "bahdanau" else "uni")
+  if encoder not in ("uni", "bi"):
+    raise ValueError(f"Unknown encoder {arg.encoder!r}: choose uni (one direction) or bi (bi-directional).")
   c = ml_collections.ConfigDict()
   c.task = "seq2seq"
   c.seed = 0
@@ -70,10 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     attention = {"local_m": "local"}.get(arg.model, arg.model)
     c.model = dict(kind="rnn", cell=arg.cell, hidden=arg.hidden, num_layers=arg.layers,
-                   bidirectional=arg.model == "bahdanau", merge="concat", attention=attention, score=arg.score,
+                   bidirectional=encoder == "bi", merge="concat", attention=attention, score=arg.score,
                    window=arg.window, local_mode="m" if arg.model == "local_m" else "p", embed_dim=embed,
                    dropout_rate=0.0 if arg.layers == 1 else 0.2)
-    if arg.model == "bahdanau":
+    if encoder == "bi":
       c.model.hidden = arg.hidden // 2  # two directions of hidden/2, concatenated: a decoder of `hidden`
     c.optim = ml_collections.ConfigDict(dict(name="adam", lr=3e-3, b1=0.9, b2=0.999, weight_decay=0.0,
                                              clip_norm=1.0, scale_lr_by_batch=False, lr_mults=(), wd_mults=(),

@@ -101,6 +101,17 @@ def test_seq2seq_task_needs_text_data():
     tasks.get_task(seq2seq_config.get_config(), 10, {})
   with pytest.raises(ValueError, match="Unknown seq2seq model"):
     seq2seq_config.get_config("model=attention")
+  with pytest.raises(ValueError, match="Unknown encoder 'both'"):
+    seq2seq_config.get_config("encoder=both")
+
+
+def test_seq2seq_config_encoder_directions():
+  luong = seq2seq_config.get_config("model=luong,hidden=128").model
+  assert not luong.bidirectional and luong.hidden == 128
+  for arg in ("model=luong,encoder=bi,hidden=128", "model=bahdanau,hidden=128"):
+    model = seq2seq_config.get_config(arg).model
+    assert model.bidirectional and model.hidden == 64  # two directions of 64, a decoder of 128
+  assert not seq2seq_config.get_config("model=bahdanau,encoder=uni").model.bidirectional
 
 
 @pytest.mark.slow
