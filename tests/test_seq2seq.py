@@ -10,7 +10,7 @@ import pytest
 
 from vit_jax import decode
 from vit_jax.data.text import END_ID
-from vit_jax.models.seq2seq import RNNEncoder, Seq2Seq
+from vit_jax.models.seq2seq import BiRNNClassifier, RNNEncoder, Seq2Seq
 from vit_jax.train.tasks import truth_probability
 
 torch = pytest.importorskip("torch")
@@ -111,6 +111,28 @@ def test_bidirectional_stacked_encoder_matches_packed_torch(cell):
   assert np.array_equal(mask, SOURCE != 0)
 
 
+def test_birnn_classifier_matches_torch():
+  """Rows as time steps through a 2-layer bi-LSTM; the head reads [forward at the last row, backward at row 0]."""
+  hidden, layers, classes = 6, 2, 4
+  ref = perturbed_torch(torch.nn.LSTM(8, hidden, num_layers=layers, batch_first=True, bidirectional=True), seed=2)
+  head = perturbed_torch(torch.nn.Linear(2 * hidden, classes), seed=3)
+  sd = ref.state_dict()
+  params = {f"layer_{i}_{d}": {"cell": lstm_params(sd, f"_l{i}{'_reverse' if d == 'backward' else ''}")}
+            for i in range(layers) for d in ("forward", "backward")}
+  params["head"] = {"kernel": head.weight.detach().numpy().T, "bias": head.bias.detach().numpy()}
+  images = np.random.default_rng(0).normal(size=(3, 5, 8, 1)).astype(np.float32)
+  model = BiRNNClassifier(classes, hidden=hidden, num_layers=layers)
+  init_shapes = jax.tree_util.tree_map(np.shape, model.init(jax.random.key(0), jnp.asarray(images))["params"])
+  assert jax.tree_util.tree_map(np.shape, params) == init_shapes
+  logits, _ = model.apply({"params": params}, jnp.asarray(images))
+  with torch.no_grad():
+    y, _ = ref(torch.from_numpy(images[..., 0]))
+    expected = head(torch.cat([y[:, -1, :hidden], y[:, 0, hidden:]], -1)).numpy()
+  np.testing.assert_allclose(logits, expected, atol=TOL, rtol=0)
+  with pytest.raises(ValueError, match=r"expects images \[batch, height, width, 1\]"):
+    model.apply({"params": params}, jnp.zeros((3, 5, 8, 3)))
+
+
 @pytest.mark.parametrize("merge,fn", [("sum", np.add), ("ave", lambda a, b: (a + b) / 2), ("mul", np.multiply)])
 def test_merge_modes(merge, fn):
   base = RNNEncoder(12, hidden=4, bidirectional=True, merge="concat")
@@ -168,7 +190,6 @@ def test_step_by_step_equals_teacher_forcing(name):
 
 
 def test_no_attention_decoder_ignores_encoder_outputs_but_uses_final_state():
-  model, variables = built("luong_dot")
   plain = Seq2Seq(13, 11, attention="none", hidden=16)
   v = plain.init(jax.random.key(0), jnp.asarray(SOURCE), jnp.asarray(TARGET_IN))
   memory = plain.apply(v, jnp.asarray(SOURCE), method="encode")

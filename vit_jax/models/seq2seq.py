@@ -90,6 +90,31 @@ def _hidden(carry):
   return carry[1] if isinstance(carry, tuple) else carry
 
 
+def _rnn_layers(x: Array, cell: str, hidden: int, num_layers: int, bidirectional: bool, merge: str,
+                dropout_rate: float, deterministic: bool, lengths: Array | None = None,
+                mask: Array | None = None) -> tuple[Array, tuple[Any, ...]]:
+  """Stacked (bi-directional) RNN layers, built inside the calling module's compact `__call__`.
+
+  Cells built with parent=None are adopted by their RNN: params at layer_i_{forward,backward}/cell.
+  `lengths` stops each sequence's carry at its last valid step (the reverse pass starts there) and
+  `mask` zeroes outputs on padding.  Returns (last layer's outputs, one merged final carry per layer).
+  """
+  carries = []
+  for i in range(num_layers):
+    if i:
+      x = nn.Dropout(dropout_rate)(x, deterministic)
+    carry, y = nn.RNN(CELLS[cell](hidden, parent=None), return_carry=True, name=f"layer_{i}_forward")(
+        x, seq_lengths=lengths)
+    if bidirectional:
+      carry_b, y_b = nn.RNN(CELLS[cell](hidden, parent=None), return_carry=True, reverse=True, keep_order=True,
+                            name=f"layer_{i}_backward")(x, seq_lengths=lengths)
+      y = MERGES[merge](y, y_b)
+      carry = jax.tree_util.tree_map(MERGES[merge], carry, carry_b)
+    x = y if mask is None else y * mask[..., None].astype(y.dtype)
+    carries.append(carry)
+  return x, tuple(carries)
+
+
 class RNNEncoder(nn.Module):
   """Stacked, optionally bi-directional LSTM / GRU over `tokens: [batch, len]`.
 
@@ -111,24 +136,9 @@ class RNNEncoder(nn.Module):
     mask = tokens != PAD_ID
     lengths = jnp.maximum(mask.sum(-1), 1)  # a zero length would select the last (padding) carry
     x = TokenInput(self.vocab_size, self.embed_dim, name="input")(tokens)
-    cell = CELLS[self.cell]
-    carries = []
-    for i in range(self.num_layers):
-      if i:
-        x = nn.Dropout(self.dropout_rate)(x, deterministic)
-      # Cells built with parent=None are adopted by their RNN: params at layer_i/{forward,backward}/cell.
-      fwd = nn.RNN(cell(self.hidden, parent=None), return_carry=True, name=f"layer_{i}_forward")
-      carry, y = fwd(x, seq_lengths=lengths)
-      if self.bidirectional:
-        bwd = nn.RNN(cell(self.hidden, parent=None), return_carry=True, reverse=True, keep_order=True,
-                     name=f"layer_{i}_backward")
-        carry_b, y_b = bwd(x, seq_lengths=lengths)
-        merge = MERGES[self.merge]
-        y = merge(y, y_b)
-        carry = jax.tree_util.tree_map(merge, carry, carry_b)
-      x = y * mask[..., None].astype(y.dtype)
-      carries.append(carry)
-    return x, tuple(carries), mask
+    x, carries = _rnn_layers(x, self.cell, self.hidden, self.num_layers, self.bidirectional, self.merge,
+                             self.dropout_rate, deterministic, lengths=lengths, mask=mask)
+    return x, carries, mask
 
 
 class RNNDecoderCell(nn.Module):
@@ -460,14 +470,10 @@ class BiRNNClassifier(nn.Module):
       raise ValueError(f"BiRNNClassifier expects images [batch, height, width, {self.channels}], got "
                        f"{images.shape}.")
     x = images.reshape(images.shape[0], images.shape[1], -1)
-    for i in range(self.num_layers):
-      if i:
-        x = nn.Dropout(self.dropout_rate)(x, not train)
-      fwd = nn.RNN(CELLS[self.cell](self.hidden, parent=None), name=f"layer_{i}_forward")(x)
-      bwd = nn.RNN(CELLS[self.cell](self.hidden, parent=None), reverse=True, keep_order=True,
-                   name=f"layer_{i}_backward")(x)
-      x = MERGES[self.merge](fwd, bwd)
-      last = MERGES[self.merge](fwd[:, -1], bwd[:, 0])
+    _, carries = _rnn_layers(x, self.cell, self.hidden, self.num_layers, True, self.merge, self.dropout_rate,
+                             not train)
+    # The forward carry has read the last row and the backward carry row 0: their merged outputs.
+    last = _hidden(carries[-1])
     last = nn.Dropout(self.dropout_rate)(last, not train)
     return nn.Dense(self.num_classes, name="head")(last), {}
 
