@@ -1,6 +1,6 @@
 """English->French translation with RNN encoder-decoders, attention decoders or a Transformer.
 
-    python main.py --config configs/seq2seq.py --workdir workdirs/s2s_luong                # Luong general
+    python main.py --config configs/seq2seq.py --workdir workdirs/s2s_luong                # Luong general, bi-LSTM-128
     python main.py --config configs/seq2seq.py:model=none --workdir workdirs/s2s_none      # Keras lstm_seq2seq
     python main.py --config configs/seq2seq.py:model=bahdanau,sampling=linear --workdir workdirs/s2s_ss
     python main.py --config configs/seq2seq.py:model=transformer --workdir workdirs/s2s_tf
@@ -8,13 +8,14 @@
 
 Models (`model=`):
   none          LSTM encoder-decoder, context = the encoder's final state (Keras lstm_seq2seq)
-  bahdanau      bi-directional encoder (concat), additive attention on s_{t-1}
+  bahdanau      additive attention on s_{t-1}
   luong         global attention with `score=` dot / general / concat, input feeding
   local         Luong local-p attention (D = `window`), input feeding; local_m: local-m
   transformer   pre-norm Transformer encoder-decoder
-`cell=lstm|gru`, `layers=N` and `encoder=uni|bi` (bi-directional, two directions of hidden/2; the default
-for bahdanau) apply to the RNN models (a Transformer has at least 3 layers); `hidden=N` is the RNN
-decoder's width or the Transformer's model width.  `sampling=` none (teacher forcing), linear,
+`cell=lstm|gru` and `encoder=uni|bi` (bi-directional, two directions of hidden/2: the default for the
+attention models; `none` reads one direction) apply to the RNN models.  `layers=N` stacks N layers
+(default 1 RNN layer, or 3 encoder and 3 decoder blocks); `hidden=N` is the RNN decoder's width or the
+Transformer's model width.  `sampling=` none (teacher forcing), linear,
 exponential or inverse_sigmoid (scheduled sampling, see vit_jax.train.tasks).
 
 Data: `dataset=en_fr_generated` (default; the offline corpus of vit_jax.data.text, 12,000 pairs, a
@@ -32,11 +33,11 @@ MODELS = ("none", "bahdanau", "luong", "local", "local_m", "transformer")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = parse_arg(arg, model="luong", cell="lstm", layers=1, hidden=256, score="general", window=10,
+  arg = parse_arg(arg, model="luong", cell="lstm", layers=0, hidden=128, score="general", window=10,
                   encoder="", sampling="none", dataset="en_fr_generated", level="char", runlocal=False)
   if arg.model not in MODELS:
     raise ValueError(f"Unknown seq2seq model {arg.model!r}: choose one of {MODELS}.")
-  encoder = arg.encoder or ("bi" if arg.model == "bahdanau" else "uni")
+  encoder = arg.encoder or ("uni" if arg.model == "none" else "bi")
   if encoder not in ("uni", "bi"):
     raise ValueError(f"Unknown encoder {arg.encoder!r}: choose uni (one direction) or bi (bi-directional).")
   c = ml_collections.ConfigDict()
@@ -64,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   embed = None if arg.level == "char" else 256  # one-hot characters, learned word embeddings
   if arg.model == "transformer":
-    c.model = dict(kind="transformer", hidden=arg.hidden, num_layers=max(arg.layers, 3), num_heads=4,
+    c.model = dict(kind="transformer", hidden=arg.hidden, num_layers=arg.layers or 3, num_heads=4,
                    mlp_dim=4 * arg.hidden,
                    dropout_rate=0.1, attention_dropout_rate=0.0)
     c.optim = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, b1=0.9, b2=0.98, weight_decay=0.01,
@@ -73,10 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.label_smoothing = 0.1
   else:
     attention = {"local_m": "local"}.get(arg.model, arg.model)
-    c.model = dict(kind="rnn", cell=arg.cell, hidden=arg.hidden, num_layers=arg.layers,
+    c.model = dict(kind="rnn", cell=arg.cell, hidden=arg.hidden, num_layers=arg.layers or 1,
                    bidirectional=encoder == "bi", merge="concat", attention=attention, score=arg.score,
                    window=arg.window, local_mode="m" if arg.model == "local_m" else "p", embed_dim=embed,
-                   dropout_rate=0.0 if arg.layers == 1 else 0.2)
+                   dropout_rate=0.2 if arg.layers > 1 else 0.0)
     if encoder == "bi":
       c.model.hidden = arg.hidden // 2  # two directions of hidden/2, concatenated: a decoder of `hidden`
     c.optim = ml_collections.ConfigDict(dict(name="adam", lr=3e-3, b1=0.9, b2=0.999, weight_decay=0.0,

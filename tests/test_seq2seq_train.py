@@ -105,13 +105,17 @@ def test_seq2seq_task_needs_text_data():
     seq2seq_config.get_config("encoder=both")
 
 
-def test_seq2seq_config_encoder_directions():
-  luong = seq2seq_config.get_config("model=luong,hidden=128").model
-  assert not luong.bidirectional and luong.hidden == 128
-  for arg in ("model=luong,encoder=bi,hidden=128", "model=bahdanau,hidden=128"):
+def test_seq2seq_config_encoder_directions_and_layers():
+  for arg in ("model=none", "model=luong,encoder=uni"):
+    model = seq2seq_config.get_config(arg).model
+    assert not model.bidirectional and model.hidden == 128 and model.num_layers == 1
+  for arg in ("", "model=luong,encoder=bi", "model=bahdanau", "model=local_m"):
     model = seq2seq_config.get_config(arg).model
     assert model.bidirectional and model.hidden == 64  # two directions of 64, a decoder of 128
-  assert not seq2seq_config.get_config("model=bahdanau,encoder=uni").model.bidirectional
+  assert seq2seq_config.get_config("model=none,encoder=bi").model.bidirectional
+  assert seq2seq_config.get_config("model=transformer").model.num_layers == 3
+  assert seq2seq_config.get_config("model=transformer,layers=2").model.num_layers == 2
+  assert seq2seq_config.get_config("layers=2").model.dropout_rate == 0.2
 
 
 @pytest.mark.slow
