@@ -59,7 +59,7 @@ def test_split_shares_no_source_and_vocab_comes_from_training():
 @pytest.mark.slow
 def test_seq2seq_trains_and_translates(tmp_path):
   workdir = str(tmp_path / "s2s")
-  c = set_all(seq2seq_config.get_config("model=luong,hidden=48"), {
+  c = set_all(seq2seq_config.get_config("model=luong,encoder=uni,hidden=48"), {
       "data.text.numbers": 60, "data.text.dates": 60, "data.text.sentences": 120, "data.text.test_fraction": 0.2,
       "total_steps": 200, "log_steps": 10, "eval_steps": 200, "checkpoint_steps": 200, "batch_size": 32,
       "eval_batch_size": 24, "num_devices": 1, "scheduled_sampling.schedule": "linear",
