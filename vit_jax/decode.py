@@ -177,9 +177,3 @@ def beam_search(model, variables, source: jax.Array, *, max_len: int, beam_size:
   return {"tokens": beams[:, 0], "score": beam_scores[:, 0], "weights": attn[:, 0], "beams": beams,
           "beam_scores": beam_scores}
 
-
-def decode_fn(model, *, max_len: int, beam_size: int = 1, alpha: float = 0.6) -> Callable:
-  """A jitted `fn(variables, source) -> tokens [batch, max_len]` (greedy for beam_size 1)."""
-  if beam_size == 1:
-    return jax.jit(lambda v, s: greedy(model, v, s, max_len=max_len)[0])
-  return jax.jit(lambda v, s: beam_search(model, v, s, max_len=max_len, beam_size=beam_size, alpha=alpha)["tokens"])
