@@ -15,8 +15,8 @@ Models (`model=`):
 `cell=lstm|gru` and `encoder=uni|bi` (bi-directional, two directions of hidden/2: the default for the
 attention models; `none` reads one direction) apply to the RNN models.  `layers=N` stacks N layers
 (default 1 RNN layer, or 3 encoder and 3 decoder blocks); `hidden=N` is the RNN decoder's width or the
-Transformer's model width.  `sampling=` none (teacher forcing), linear,
-exponential or inverse_sigmoid (scheduled sampling, see vit_jax.train.tasks).
+Transformer's model width.  `sampling=` none (teacher forcing), linear, exponential or inverse_sigmoid
+(scheduled sampling, see vit_jax.train.tasks).
 
 Data: `dataset=en_fr_generated` (default; the offline corpus of vit_jax.data.text, 12,000 pairs, a
 10% held-out split with no source shared with training) or `pairs:/path/fra.txt` (the Tatoeba file).
