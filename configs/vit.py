@@ -62,8 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=2, stem="conv", stem_width=32,
                    channels=1, pool_type="gap", activation="gelu")
     c.data.image_size = 8
-    c.data.pp_train = "random_crop_pad(1)|value_range(-1, 1)"
-    c.data.pp_eval = "value_range(-1, 1)"
+    # `decode` leaves the TFDS arrays as they are and decodes the PNGs of an image folder.
+    c.data.pp_train = "decode|random_crop_pad(1)|value_range(-1, 1)"
+    c.data.pp_eval = "decode|value_range(-1, 1)"
     c.batch_size, c.eval_batch_size = 64, 128
     c.total_steps, c.log_steps, c.eval_steps, c.checkpoint_steps = 800, 50, 400, 100
     c.label_smoothing = 0.1

@@ -41,8 +41,8 @@ def test_bad_files_name_the_problem(tmp_path):
 
 def test_write_then_read_round_trips(tmp_path):
   pairs = [text.Pair("one", "un", "synthetic"), text.Pair("Hi.", "Salut !", "")]
-  text.write_pairs(str(tmp_path / "p.txt"), pairs)
-  assert text.read_pairs(str(tmp_path / "p.txt")) == pairs
+  text.write_pairs(str(tmp_path / "new" / "p.txt"), pairs)  # the directory is created
+  assert text.read_pairs(str(tmp_path / "new" / "p.txt")) == pairs
   with pytest.raises(ValueError, match="tab or newline"):
     text.write_pairs(str(tmp_path / "q.txt"), [text.Pair("a\tb", "c")])
 

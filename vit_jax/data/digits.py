@@ -8,9 +8,14 @@ training.
 
     builder = prepare(data_dir)                     # array_record files, once
     tfds.data_source("sklearn_digits", split="train", data_dir=data_dir)
+
+`write_folder(root)` (command line: `python -m vit_jax.data.digits_folder`) writes
+the same split as an image folder.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -59,3 +64,21 @@ def prepare(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     tfds.display_progress_bar(False)  # a second of work: no progress bars
     builder.download_and_prepare()
   return builder
+
+
+def write_folder(root: str, data_dir: str | None = None) -> dict[str, int]:
+  """Both splits as grey 8x8 PNGs under `root/{train,test}/<digit>/`; returns the image count per split."""
+  from PIL import Image
+
+  builder = prepare(data_dir)
+  counts = {}
+  for split in ("train", "test"):
+    source = builder.as_data_source(split=split)
+    for i in range(len(source)):
+      example = source[i]
+      folder = os.path.join(root, split, str(int(example["label"])))
+      os.makedirs(folder, exist_ok=True)
+      Image.fromarray(np.asarray(example["image"])[..., 0]).save(os.path.join(folder, f"{i:04d}.png"))
+    counts[split] = len(source)
+  return counts
+

@@ -81,6 +81,7 @@ def read_pairs(path: str, limit: int | None = None, plain_spaces: bool = False) 
 
 def write_pairs(path: str, pairs: Iterable[Pair]) -> None:
   """The same 3-column format; written to a temporary name and renamed, so a crash leaves no half file."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     for p in pairs:
