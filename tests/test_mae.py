@@ -166,6 +166,12 @@ def test_pretrain_finetune_linear_probe_chain(tmp_path):
   ft = flatten(checkpoint.load(tmp_path / "ft")[0])  # MAE fine-tuning: mean of patch tokens, then fc_norm
   assert "fc_norm/scale" in ft and "cls" in ft and "Transformer/encoder_norm/scale" not in ft
   assert json.loads((tmp_path / "lp" / "config.json").read_text())["model"]["head_batchnorm"] is True
+  # The README's reconstruction command on the pre-trained run.
+  from vit_jax.evaluate import reconstruct
+  assert reconstruct.main(["--workdir", str(tmp_path / "pre"), "--num", "3"]) == 0
+  from PIL import Image
+  assert Image.open(tmp_path / "pre" / "reconstructions.png").size == (4 * 98 + 2, 3 * 98 + 2)
+  assert reconstruct.main(["--workdir", str(tmp_path / "lp")]) == 2  # not an MAE run: a one-line error
 
 
 @pytest.mark.slow
