@@ -41,7 +41,13 @@ COVERED = {
     "vit_jax.translate": "tests/test_seq2seq_train.py::test_seq2seq_trains_and_translates",
     "configs/birnn.py": "tests/test_seq2seq_train.py::test_birnn_digits_classifier",
     "vit_jax.interop.convert": "tests/test_convert.py::test_command_line_entry_point; notebooks/export.ipynb",
-    "bench/": "make bench: timing runs of minutes each, whose tables the README reproduces (not tests)",
+    "bench/vit_step.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
+    "bench/mae_step.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
+    "bench/decode.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
+    # Timing and multi-run studies of minutes each (`make bench`), built from pieces tested elsewhere.
+    "bench/input_pipeline.py": "tests/test_data.py (the pipeline), tests/test_train.py (the step)",
+    "bench/mae_digits.py": "tests/test_mae.py::test_pretrain_finetune_linear_probe_chain (the same runs, tiny)",
+    "bench/teacher_digits.py": "tests/test_teacher.py (the same runs, tiny)",
 }
 
 

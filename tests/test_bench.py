@@ -1,0 +1,32 @@
+"""The benchmark scripts run end to end on the smallest inputs (they measure nothing here; `make bench` does)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = {
+    "vit_step": ["--variant", "Ti/16", "--resolution", "32", "--batch", "2", "--steps", "1", "--rounds", "1",
+                 "--compile-depths", ""],
+    "mae_step": ["--variant", "Ti/16", "--resolution", "32", "--batch", "2", "--steps", "1", "--rounds", "1",
+                 "--decoders", "64x1"],
+    "decode": ["--models", "lstm-luong,transformer", "--batch", "2", "--source_len", "8", "--max_len", "6",
+               "--beam", "2", "--repeats", "1"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_bench_script_prints_its_table(script):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if "xla_force_host_platform_device_count" not in f)
+  done = subprocess.run([sys.executable, f"bench/{script}.py", *CASES[script]], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  table = [line for line in done.stdout.splitlines() if line.startswith("|")]
+  assert len(table) >= 3, done.stdout  # a header, a separator and at least one row
