@@ -55,6 +55,7 @@ def test_notebook_runs_and_draws_its_figures(name, tmp_path, monkeypatch):
                    if "xla_force_host_platform_device_count" not in f)
   monkeypatch.setenv("XLA_FLAGS", flags)
   monkeypatch.setenv("VIT_JAX_NOTEBOOK_OUT", str(tmp_path))
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))  # its own digits: no race between parallel runs
   nb = load(name)
   client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}})
   client.execute()  # raises CellExecutionError, with the cell and the traceback, if any cell fails

@@ -42,9 +42,9 @@ COVERED = {
     "configs/birnn.py": "tests/test_seq2seq_train.py::test_birnn_digits_classifier",
     "vit_jax.interop.convert": "tests/test_convert.py::test_command_line_entry_point; notebooks/export.ipynb",
     "bench/vit_step.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
-    "bench/mae_step.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
     "bench/decode.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
     # Timing and multi-run studies of minutes each (`make bench`), built from pieces tested elsewhere.
+    "bench/mae_step.py": "tests/test_mae.py (the MAE and its loss), tests/test_bench.py (the same timing loop)",
     "bench/input_pipeline.py": "tests/test_data.py (the pipeline), tests/test_train.py (the step)",
     "bench/mae_digits.py": "tests/test_mae.py::test_pretrain_finetune_linear_probe_chain (the same runs, tiny)",
     "bench/teacher_digits.py": "tests/test_teacher.py (the same runs, tiny)",
@@ -113,6 +113,7 @@ def test_runnable_block(index, tmp_path):
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if "xla_force_host_platform_device_count" not in f)  # one device, as a user has
   env["PYTHONPATH"] = str(tmp_path)
+  env["TFDS_DATA_DIR"] = str(tmp_path / "tfds")  # the digits are prepared here, not in the user's home
   argv = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
   done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
   output = done.stdout + done.stderr

@@ -26,7 +26,8 @@ def reconstructions(model: MaskedAutoencoder, params, images: np.ndarray, noise:
                     rng: jax.Array | None = None) -> dict[str, np.ndarray]:
   """`{"original", "masked", "reconstruction", "pasted"}` images `[B, H, W, C]` in the input's value range."""
   rngs = {"masking": rng if rng is not None else jax.random.key(0)}
-  _, out = model.apply({"params": params}, images, noise=noise, rngs=rngs)
+  # One compiled forward pass (a few times faster than running the ops one by one).
+  _, out = jax.jit(lambda p, x, n, r: model.apply({"params": p}, x, noise=n, rngs=r))(params, images, noise, rngs)
   p, grid, c = model.patch_size, out["grid"], model.channels
   pred, target, mask = (np.asarray(out[k]) for k in ("pred", "target", "mask"))
   if model.norm_pix_loss:  # undo the per-patch normalisation of the target
