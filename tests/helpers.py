@@ -27,3 +27,9 @@ def random_params(model, *inputs, rng=0, scale=0.2, **kwargs):
     base = 1.0 if getattr(path[-1], "key", None) == "scale" else 0.0
     return (base + scale * rng.standard_normal(s.shape)).astype(s.dtype)
   return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def one_device_flags(flags: str) -> str:
+  """`XLA_FLAGS` without the simulated device count, for a child process that should run as a user's
+  machine does (one CPU device)."""
+  return " ".join(f for f in flags.split() if "xla_force_host_platform_device_count" not in f)

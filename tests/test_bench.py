@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import one_device_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CASES = {
@@ -20,9 +22,7 @@ CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_bench_script_prints_its_table(script):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if "xla_force_host_platform_device_count" not in f)
+  env = dict(os.environ, XLA_FLAGS=one_device_flags(os.environ.get("XLA_FLAGS", "")))
   done = subprocess.run([sys.executable, f"bench/{script}.py", *CASES[script]], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

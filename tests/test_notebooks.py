@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import one_device_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 # Every notebook and the figures it must write into VIT_JAX_NOTEBOOK_OUT.
@@ -51,9 +53,7 @@ def test_notebook_runs_and_draws_its_figures(name, tmp_path, monkeypatch):
   from nbclient import NotebookClient
 
   # The kernel inherits this environment: one CPU device, as on a laptop, and a private output folder.
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                   if "xla_force_host_platform_device_count" not in f)
-  monkeypatch.setenv("XLA_FLAGS", flags)
+  monkeypatch.setenv("XLA_FLAGS", one_device_flags(os.environ.get("XLA_FLAGS", "")))
   monkeypatch.setenv("VIT_JAX_NOTEBOOK_OUT", str(tmp_path))
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))  # its own digits: no race between parallel runs
   nb = load(name)

@@ -1,9 +1,9 @@
 """The README's commands: blocks marked runnable run as written; every other command names what runs it.
 
 A fenced block preceded by the line `<!-- runnable -->` (or `<!-- runnable: expect "TEXT" -->`, which
-also requires TEXT in the output) is run verbatim (bash blocks with bash, python
-blocks with the test environment's python) in a fresh directory that links main.py, configs/, vit_jax/
-and bench/, so the commands' relative paths and work directories behave as in a checkout.  Other
+also requires TEXT in the output) is run verbatim (bash blocks with bash, python blocks with the test
+environment's python) in a fresh directory that links main.py, configs/, vit_jax/ and bench/, so the
+commands' relative paths and work directories behave as in a checkout.  Other
 shell blocks hold commands that need data or hardware this machine lacks, or take too long for the
 suite; COVERED says which test or notebook runs each of them (or the same code on small inputs).
 """
@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import one_device_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -110,8 +112,7 @@ def test_runnable_block(index, tmp_path):
     (tmp_path / name).symlink_to(ROOT / name)
   env = dict(os.environ)
   env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # `python` is this one
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if "xla_force_host_platform_device_count" not in f)  # one device, as a user has
+  env["XLA_FLAGS"] = one_device_flags(env.get("XLA_FLAGS", ""))  # one device, as a user has
   env["PYTHONPATH"] = str(tmp_path)
   env["TFDS_DATA_DIR"] = str(tmp_path / "tfds")  # the digits are prepared here, not in the user's home
   argv = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]

@@ -81,4 +81,3 @@ def write_folder(root: str, data_dir: str | None = None) -> dict[str, int]:
       Image.fromarray(np.asarray(example["image"])[..., 0]).save(os.path.join(folder, f"{i:04d}.png"))
     counts[split] = len(source)
   return counts
-
