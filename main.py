@@ -5,8 +5,13 @@
     python main.py --config configs/vit.py --config.optim.lr=1e-3 --config.total_steps=2000 --workdir DIR
 
 Rerunning the same command resumes from the newest checkpoint in --workdir.
-On several hosts (a TPU pod slice, a multi-node GPU job) run the same command on
-every host with --distributed (see the README).
+SIGTERM (a preemption notice) saves at the next step boundary and exits with status 143.
+
+On several hosts run the same command on every host: with --distributed the job is
+detected (Cloud TPU, SLURM, Open MPI, Kubernetes); elsewhere give
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the environment
+variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).  On one machine,
+`python -m vit_jax.launch --processes 2 --devices 2 -- main.py ...` simulates that.
 """
 
 import os
@@ -36,7 +41,14 @@ except (AttributeError, KeyError, TypeError, ValueError) as e:
   sys.exit(f"error: bad command-line flag: {_one_line(e)}")
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join(ROOT, "workdirs", "demo"),
                                "Checkpoints, metrics.jsonl, TensorBoard events and the resolved config go here.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                  "Join a multi-host job detected from the environment (Cloud TPU, SLURM, Open MPI, "
+                                  "Kubernetes): jax.distributed.initialize() with no arguments.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0's coordination service (default: $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (default: $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1 (default: $JAX_PROCESS_ID).")
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: saved and stopped; rerun to resume
 
 
 def main(argv):
@@ -48,11 +60,16 @@ def main(argv):
   from vit_jax import runtime
   runtime.tune_xla_cpu()
   from vit_jax.interop.tree import CheckpointError
-  from vit_jax.train import sharding, trainer
+  from vit_jax.train import multihost, trainer
 
-  sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+  try:
+    multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   try:
     final = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except trainer.Preempted:
+    sys.exit(PREEMPTED_EXIT_CODE)  # the trainer printed what it saved
   except (ValueError, FileNotFoundError, CheckpointError, trainer.NonFiniteLossError) as e:
     logging.error("%s", e)
     sys.exit(f"error: {e}")

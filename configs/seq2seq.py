@@ -53,6 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.text.update(numbers=300, dates=300, sentences=600)
   durations(c, "total", "log", "eval", "checkpoint")
   c.mesh = (("data", -1),)
+  # How mesh axes split across hosts, e.g. (("data", 2),): see vit_jax.train.sharding.make_mesh.
+  c.mesh_dcn = ml_collections.config_dict.placeholder(tuple)
   c.num_devices = ml_collections.config_dict.placeholder(int)
   c.sharding_rules = ml_collections.config_dict.placeholder(tuple)
   c.fsdp_min_size = 2 ** 14

@@ -42,6 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.score_maps = ""  # token labeling: a directory written by `python -m vit_jax.data.score_maps`
   durations(c, "total", "log", "eval", "checkpoint")
   c.mesh = (("data", -1),)  # tuples, so that --config.mesh="(('fsdp', -1),)" can override them
+  # How mesh axes split across hosts, e.g. (("data", 2),): see vit_jax.train.sharding.make_mesh.
+  c.mesh_dcn = ml_collections.config_dict.placeholder(tuple)
   c.num_devices = ml_collections.config_dict.placeholder(int)  # use only the first N devices (tests, debugging)
   c.sharding_rules = ml_collections.config_dict.placeholder(tuple)  # default: sharding.DEFAULT_RULES
   c.fsdp_min_size = 2 ** 14  # parameters with fewer elements stay replicated under FSDP

@@ -45,24 +45,28 @@ def labels_of(it, steps):
   return np.concatenate([next(it)["label"] for _ in range(steps)])
 
 
-def test_training_stream_is_sharded_reshuffled_and_resumable():
+def test_training_stream_is_global_reshuffled_and_resumable():
   src = input_pipeline.Source(Indexed(40), 40, "indexed")
-  parts = [labels_of(iter(input_pipeline.train_dataset(src, "flip_lr|value_range(-1, 1)", 5, seed=0,
-                                                        process_index=p, process_count=2)), 4) for p in range(2)]
-  assert sorted(np.concatenate(parts)) == list(range(40))  # one epoch: disjoint halves that cover everything
-  assert set(parts[0]) == set(range(0, 40, 2))
-  it = iter(input_pipeline.train_dataset(src, "flip_lr", 5, seed=0))
-  first_epoch = labels_of(it, 8)
-  assert sorted(first_epoch) == list(range(40))
-  state = it.get_state()
-  ahead = labels_of(it, 12)
+  stream = lambda **kw: iter(input_pipeline.train_dataset(src, "flip_lr|value_range(-1, 1)", 10, seed=0, **kw))
+  whole = next(stream())
+  it = stream()
+  first_epoch = labels_of(it, 4)
+  assert sorted(first_epoch) == list(range(40))  # one epoch covers everything once
+  ahead = labels_of(it, 6)
   assert not np.array_equal(ahead[:40], first_epoch)  # a new order every epoch
-  resumed = iter(input_pipeline.train_dataset(src, "flip_lr", 5, seed=0))
-  resumed.set_state(state)
-  assert np.array_equal(labels_of(resumed, 12), ahead)
+  # A process reads only its rows of each global batch: the same examples, the same augmentation draws.
+  rows = [np.array([0, 1, 2, 3, 4]), np.array([5, 6, 7, 8, 9]), np.array([2, 7])]
+  for r in rows:
+    part = next(stream(rows=r))
+    for k in ("image", "label"):
+      np.testing.assert_array_equal(part[k], whole[k][r])
+  # Resuming at global batch 4 reads what the uninterrupted stream read from there.
+  assert np.array_equal(labels_of(stream(start=4), 6), ahead)
+  with pytest.raises(ValueError, match="rows must index a batch of 10"):
+    stream(rows=np.array([3, 10]))
 
 
-@pytest.mark.parametrize("batch", [7, 360, 512])
+@pytest.mark.parametrize("batch", [8, 360, 512])
 def test_evaluation_pads_and_masks_instead_of_dropping(data_dir, batch):
   src = input_pipeline.get_source("digits", "test", data_dir)
   batches = list(input_pipeline.eval_batches(src, "value_range(-1, 1)", batch))
@@ -71,11 +75,13 @@ def test_evaluation_pads_and_masks_instead_of_dropping(data_dir, batch):
   assert mask.sum() == 360 and len(batches) == -(-360 // batch)
   labels = np.concatenate([b["label"] for b in batches])[mask > 0]
   assert np.array_equal(labels, [src.data[i]["label"] for i in range(360)])
-  # Two processes: same number of batches each, every example exactly once.
-  halves = [list(input_pipeline.eval_batches(src, "value_range(-1, 1)", batch, process_index=p, process_count=2))
-            for p in range(2)]
-  assert len(halves[0]) == len(halves[1])
-  assert sum(b["mask"].sum() for h in halves for b in h) == 360
+  # Two processes, each with its rows of every global batch: the same batches, every example exactly once.
+  halves = [list(input_pipeline.eval_batches(src, "value_range(-1, 1)", batch, rows=r))
+            for r in (np.arange(batch // 2), np.arange(batch // 2, batch))]
+  assert len(halves[0]) == len(halves[1]) == len(batches)
+  for k in ("image", "label", "mask"):
+    glued = np.concatenate([np.concatenate([a[k], b[k]]) for a, b in zip(*halves)])
+    np.testing.assert_array_equal(glued, np.concatenate([b[k] for b in batches]))
 
 
 def test_tfds_dataset_by_name_with_mock_data():

@@ -14,6 +14,7 @@ directory with a `checkpoints/` sub-directory.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping
 
@@ -54,7 +55,9 @@ def save(directory: str | os.PathLike, params: Mapping[str, Any], *, config: Map
   """Save `params` and `config` (JSON-serialisable; "model" holds the settings) as `directory/<step>`."""
   import orbax.checkpoint as ocp
 
-  directory = os.path.abspath(os.fspath(directory))
+  from vit_jax.files import path
+
+  directory = path(directory)
   config = dict(config)
   if "model" in config:
     config["model"] = settings_to_json(config["model"])
@@ -62,23 +65,28 @@ def save(directory: str | os.PathLike, params: Mapping[str, Any], *, config: Map
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                config=ocp.args.JsonSave(config)))
     manager.wait_until_finished()
-  return os.path.join(directory, str(step))
+  return os.fspath(directory / str(step))
 
 
 def find_step_dir(path: str | os.PathLike) -> str:
-  """The step directory that `path` names: itself, the newest step of a manager root, or of DIR/checkpoints."""
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
-    raise CheckpointError(f"No checkpoint directory at {path!r}.")
-  if os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")) or os.path.isdir(os.path.join(path, "config")):
-    return path
-  if os.path.isdir(os.path.join(path, CHECKPOINTS_SUBDIR)):
-    return find_step_dir(os.path.join(path, CHECKPOINTS_SUBDIR))
-  steps = sorted(int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d)))
+  """The step directory that `path` names: itself, the newest step of a manager root, or of DIR/checkpoints.
+
+  Local paths and object-store URIs (gs://...) alike.
+  """
+  from vit_jax.files import path as as_path
+
+  root = as_path(path)
+  if not root.is_dir():
+    raise CheckpointError(f"No checkpoint directory at {os.fspath(root)!r}.")
+  if (root / "_CHECKPOINT_METADATA").exists() or (root / "config").is_dir():
+    return os.fspath(root)
+  if (root / CHECKPOINTS_SUBDIR).is_dir():
+    return find_step_dir(root / CHECKPOINTS_SUBDIR)
+  steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and d.is_dir())
   if not steps:
-    raise CheckpointError(f"{path!r} holds no checkpoint: expected a step directory (with params/ and config/), "
-                          "a directory of numbered steps, or a work directory with checkpoints/.")
-  return os.path.join(path, str(steps[-1]))
+    raise CheckpointError(f"{os.fspath(root)!r} holds no checkpoint: expected a step directory (with params/ and "
+                          "config/), a directory of numbered steps, or a work directory with checkpoints/.")
+  return os.fspath(root / str(steps[-1]))
 
 
 def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -89,18 +97,31 @@ def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   """`(variables, config)`: {"params", plus "batch_stats" etc. of a train state} as host numpy arrays."""
+  import jax
   import orbax.checkpoint as ocp
+  from etils import epath
 
   step_dir = find_step_dir(path)
-  item = next((i for i in ("params", "state") if os.path.isdir(os.path.join(step_dir, i))), None)
+  item = next((i for i in ("params", "state") if (epath.Path(step_dir) / i).is_dir()), None)
   if item is None:
     raise CheckpointError(f"{step_dir!r} has neither params/ nor state/: not a vit_jax checkpoint.")
-  args = {item: ocp.args.StandardRestore()}
-  has_config = os.path.isdir(os.path.join(step_dir, "config"))
-  if has_config:
-    args["config"] = ocp.args.JsonRestore()
+  has_config = (epath.Path(step_dir) / "config").is_dir()
   try:
-    restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(step_dir, args=ocp.args.Composite(**args))
+    # Every array as whole host numpy, whatever mesh and number of processes wrote it (orbax would
+    # otherwise try to rebuild the saved sharding, whose devices need not exist here).
+    quiet = logging.getLogger("absl")  # orbax warns that the item has no metadata file of its own
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+      tree = ocp.PyTreeCheckpointer().metadata(epath.Path(step_dir) / item).item_metadata.tree
+    finally:
+      quiet.setLevel(level)
+    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    args = {item: ocp.args.PyTreeRestore(restore_args=as_numpy)}
+    if has_config:
+      args["config"] = ocp.args.JsonRestore()
+    restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(epath.Path(step_dir),
+                                                                         args=ocp.args.Composite(**args))
   except Exception as e:  # orbax raises many types for damaged files
     raise CheckpointError(f"Cannot restore {step_dir!r} ({type(e).__name__}: {e}): the checkpoint is "
                           "incomplete or corrupt; use an earlier step.") from None

@@ -62,7 +62,12 @@ def prepare(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
   if not builder.is_prepared():
     tfds.display_progress_bar(False)  # a second of work: no progress bars
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare()
+    except FileExistsError:  # another process (another host of the job) finished first: use its copy
+      builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
+      if not builder.is_prepared():
+        raise
   return builder
 
 

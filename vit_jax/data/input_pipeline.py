@@ -8,10 +8,12 @@ Sources (all random access, so any example can be read by index):
   * text pairs (`text.py`): "en_fr_generated" (the offline corpus) or "pairs:/path/fra.txt", whose
     examples are `{"source", "target"}` id arrays (no preprocessing ops).
 
-Training: the split is sharded by process (each host reads only its part),
-shuffled with a new order every epoch, preprocessed with a per-example random
-stream, and batched.  The iterator's state (`get_state()`) is a small dict that
-the checkpoint stores, so a resumed run sees exactly the batches it would have.
+Training: one global stream of batches, shuffled with a new order every epoch
+and preprocessed with a random stream per stream position, whatever the number of
+processes and devices; each process reads only the rows of each batch that its
+devices hold.  Batch j is a pure function of (seed, batch size, j), so a resumed
+run (on any topology) starts at the batch after its step and sees exactly the
+batches it would have.
 
 Evaluation never drops an example: the last batch is padded and carries a
 `mask` (1 = real example).
@@ -189,51 +191,82 @@ class LengthBucketedBatches:
     return {"source": self.data.source[rows, :s], "target": self.data.target[rows, :t + 1]}
 
 
-def train_dataset(source: Source, pp: str, batch_size: int, *, seed: int, process_index: int = 0,
-                  process_count: int = 1, repeated_augmentation: int = 1) -> grain.IterDataset:
-  """An endless, shuffled, augmented stream of `batch_size` batches for this process.
+class _GlobalBatches:
+  """Random access over the global batches of an endless stream, cut to this process's rows.
 
-  repeated_augmentation > 1: DeiT's sampling (`RepeatedAugmentation`) within this process's shard.
-  Text pairs come in length buckets (`LengthBucketedBatches`).
+  Batch j holds stream positions `(start + j) * batch_size + rows` (or, for a
+  stream of whole batches, rows `rows` of its batch `start + j`).
   """
-  if len(source) < process_count:
-    raise ValueError(f"{source.name} has {len(source)} examples for {process_count} processes.")
+
+  def __init__(self, stream, batch_size: int, rows: np.ndarray, start: int, whole_batches: bool):
+    self.stream, self.batch_size, self.rows, self.start = stream, batch_size, rows, start
+    self.whole_batches = whole_batches
+
+  def __len__(self) -> int:
+    return 10 ** 12  # endless for practical purposes
+
+  def __getitem__(self, j: int) -> dict[str, np.ndarray]:
+    b = self.start + int(j)
+    if self.whole_batches:
+      return {k: v[self.rows] for k, v in self.stream[b].items()}
+    examples = [self.stream[b * self.batch_size + int(r)] for r in self.rows]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def train_dataset(source: Source, pp: str, batch_size: int, *, seed: int, rows=None, start: int = 0,
+                  repeated_augmentation: int = 1) -> grain.IterDataset:
+  """An endless, shuffled, augmented stream of global batches of `batch_size`, from batch `start` on.
+
+  The global batches (which examples, in which order, with which augmentation
+  draws) depend only on the source, `seed` and `batch_size`: example k of the
+  stream is drawn from the shuffle of its epoch and augmented with a random
+  stream keyed by (seed, k).  A process reads only the `rows` of each batch that
+  its devices hold (all rows by default), so any number of processes and
+  devices trains on the same batches, and a run can resume on another topology.
+
+  repeated_augmentation > 1: DeiT's sampling (`RepeatedAugmentation`).
+  Text pairs come in length buckets (`LengthBucketedBatches`), each batch padded to
+  its own longest pair, which is then the same on every process.
+  """
+  rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
+  if len(rows) and (rows.min() < 0 or rows.max() >= batch_size):
+    raise ValueError(f"rows must index a batch of {batch_size}, got {rows.min()}..{rows.max()}.")
   if source.info.get("text") is not None:
-    from vit_jax.data import text
-    shard = text.EncodedPairs(source.data.pairs[process_index::process_count], source.info["text"])
-    ds = grain.MapDataset.source(LengthBucketedBatches(shard, batch_size, seed))
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+    stream = LengthBucketedBatches(source.data, batch_size, seed)
+    batches = _GlobalBatches(stream, batch_size, rows, start, whole_batches=True)
+    return grain.MapDataset.source(batches).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
   if repeated_augmentation > 1:
-    shard = grain.MapDataset.source(source.data)[process_index::process_count]
-    ds = grain.MapDataset.source(RepeatedAugmentation(shard, repeated_augmentation, seed))
+    ds = grain.MapDataset.source(RepeatedAugmentation(source.data, repeated_augmentation, seed))
   else:
-    ds = grain.MapDataset.source(source.data)[process_index::process_count]
-    ds = ds.shuffle(seed=seed).repeat(None)
+    ds = grain.MapDataset.source(source.data).shuffle(seed=seed).repeat(None)
   ds = ds.random_map(_Preprocess(pp), seed=seed + 1).map(_Select())
-  ds = ds.batch(batch_size, drop_remainder=True)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  batches = _GlobalBatches(ds, batch_size, rows, start, whole_batches=False)
+  return grain.MapDataset.source(batches).to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
 
-def eval_batches(source: Source, pp: str, batch_size: int, *, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Every example of this process's shard once, in order, in `batch_size` batches with a `mask`.
+def eval_batches(source: Source, pp: str, batch_size: int, *, rows=None) -> Iterator[dict[str, np.ndarray]]:
+  """Every example once, in order, in global batches of `batch_size` with a `mask`; this process's `rows`.
 
-  All processes yield the same number of batches (the shards differ by at
-  most one example), as a multi-host evaluation needs.
+  The last batch is padded (mask 0) rather than dropped.  Every process yields
+  the same number of batches, as a multi-host evaluation needs; batch k holds
+  examples `k * batch_size + rows` (padding past the end).
   """
   ops = preprocess.parse(pp)
+  rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
   n = len(source)
-  per_process = -(-n // process_count)
-  indices = list(range(process_index, n, process_count))
-  for start in range(0, per_process, batch_size):
-    chunk = indices[start:start + batch_size]
-    examples = [_Select().map(preprocess.apply(ops, dict(source.data[i]), None)) for i in chunk]
-    if not examples:  # this process ran out first: a fully masked batch keeps the hosts in step
-      probe = _Select().map(preprocess.apply(ops, dict(source.data[0]), None))
-      examples, mask = [probe], [0]
-    else:
-      mask = [1] * len(examples)
-    pad = batch_size - len(examples)
-    batch = {k: np.stack([e[k] for e in examples] + [np.zeros_like(examples[0][k])] * pad) for k in examples[0]}
-    batch["mask"] = np.array(mask + [0] * pad, np.float32)
+  probe = None
+  for start in range(0, n, batch_size):
+    examples, mask = [], []
+    for r in rows:
+      i = start + int(r)
+      if i < n:
+        examples.append(_Select().map(preprocess.apply(ops, dict(source.data[i]), None)))
+        mask.append(1.0)
+      else:
+        if probe is None:  # padding has the shapes of a real example
+          probe = _Select().map(preprocess.apply(ops, dict(source.data[0]), None))
+        examples.append({k: np.zeros_like(v) for k, v in probe.items()})
+        mask.append(0.0)
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    batch["mask"] = np.asarray(mask, np.float32)
     yield batch

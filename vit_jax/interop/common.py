@@ -208,18 +208,21 @@ def torch_conv(conv: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def write_folder(out_dir, state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> str:
-  """`out_dir/model.safetensors` (torch names, float32) + `out_dir/config.json`; returns out_dir."""
+  """`out_dir/model.safetensors` (torch names, float32) + `out_dir/config.json`; returns out_dir.
+
+  `out_dir` may be local or on an object store (gs://...); each file is written atomically.
+  """
   import json
   import os
 
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
 
-  out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  save_file(dict(state_dict), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
-  return out_dir
+  from vit_jax.files import path, write_atomic
+
+  out = path(out_dir)
+  write_atomic(out / "model.safetensors", save(dict(state_dict), metadata={"format": "pt"}))
+  write_atomic(out / "config.json", json.dumps(config, indent=2))
+  return os.fspath(out)
 
 
 def named(prefix: str, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

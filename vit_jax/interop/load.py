@@ -31,8 +31,9 @@ def load_params(path: str | os.PathLike, *, scan: bool = False) -> tuple[dict[st
   `config` is the checkpoint's saved config (native) or `{"model": settings}`
   inferred from the weights (`.npz`).
   """
-  path = os.fspath(path)
-  if os.path.isdir(path):
+  from vit_jax.files import path as as_path
+
+  if as_path(path).is_dir():  # local or gs://...
     from vit_jax import checkpoint
     params, config = checkpoint.load(path)
     params = common.scanned(params) if scan else common.unrolled(params)

@@ -23,6 +23,7 @@ class token (`cls + pos_embedding[:, :1]`, again the same function).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import zipfile
@@ -47,11 +48,14 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
   A missing, truncated or non-`.npz` file raises `CheckpointError` naming the problem.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
+  from vit_jax.files import is_local, path as as_path
+
+  source = as_path(path)
+  path = os.fspath(source)
+  if not source.is_file():
     raise CheckpointError(f"No checkpoint file at {path!r}.")
   try:
-    f = np.load(path, allow_pickle=False)
+    f = np.load(path if is_local(path) else io.BytesIO(source.read_bytes()), allow_pickle=False)
     if not isinstance(f, np.lib.npyio.NpzFile):
       raise CheckpointError(f"{path!r} holds a single array, not an .npz archive of named parameters.")
     with f:
@@ -175,16 +179,11 @@ def save_npz(path: str | os.PathLike, params: Mapping[str, Any], **kwargs: Any) 
 
 
 def write_npz(path: str | os.PathLike, flat: Mapping[str, np.ndarray]) -> str:
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      np.savez(f, **flat)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  """`flat` as an `.npz` at `path` (local or an object store such as gs://), written atomically."""
+  import io
+
+  from vit_jax.files import write_atomic
+
+  buffer = io.BytesIO()
+  np.savez(buffer, **flat)
+  return os.fspath(write_atomic(path, buffer.getvalue()))

@@ -3,40 +3,87 @@
 `WORKDIR/metrics.jsonl` gets one object per event, `{"step": 100, "train/loss": ...}`,
 with names `train/loss`, `train/lr`, `train/grad_norm`, `eval/accuracy`,
 `eval/loss`, `perf/img_per_sec`, ...; TensorBoard event files go to
-`WORKDIR/tensorboard/`.  Only process 0 writes.
+`WORKDIR/tensorboard/`.  Only process 0 writes.  The work directory is an
+`etils.epath` path: on an object store (`gs://...`), where files cannot be
+appended to, each write replaces the whole (small) JSON lines file, and the
+TensorBoard events are written through epath too.
 """
 
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Mapping
 
+from etils import epath
+
+from vit_jax.files import is_local, write_atomic
+
+class _EpathRecordWriter:
+  """tensorboardX's record-writer interface over an epath file (object stores: rewritten whole on flush)."""
+
+  def __init__(self, path: str):
+    self.path, self.buffer = epath.Path(path), io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    self.path.write_bytes(self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathWriterFactory:
+  def open(self, path: str) -> _EpathRecordWriter:
+    return _EpathRecordWriter(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _tensorboard(directory: epath.Path):
+  try:
+    from tensorboardX import SummaryWriter
+    from tensorboardX import record_writer
+  except ImportError:  # TensorBoard files are a convenience; metrics.jsonl is the record
+    return None
+  if not is_local(directory):  # route this URI scheme through epath (fsspec), not tensorboardX's own clients
+    record_writer.register_writer_factory(str(directory).split("://")[0], _EpathWriterFactory())
+  return SummaryWriter(str(directory))
+
 
 class MetricWriter:
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir, *, enabled: bool = True):
     self.enabled = enabled
     self._tb = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:  # TensorBoard files are a convenience; metrics.jsonl is the record
-        self._tb = None
+      workdir = epath.Path(workdir)
+      workdir.mkdir(parents=True, exist_ok=True)
+      self._path = workdir / "metrics.jsonl"
+      if is_local(workdir):
+        self._jsonl, self._lines = self._path.open("a"), None
+      else:
+        self._jsonl, self._lines = None, [self._path.read_text()] if self._path.exists() else []
+      self._tb = _tensorboard(workdir / "tensorboard")
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
     values = {k: float(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": int(step), **values}) + "\n"
+    if self._jsonl is not None:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+    else:
+      self._lines.append(line)
+      write_atomic(self._path, "".join(self._lines))
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, v, int(step))
@@ -44,7 +91,8 @@ class MetricWriter:
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
 

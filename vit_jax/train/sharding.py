@@ -50,15 +50,10 @@ DEFAULT_RULES = (
 )
 
 
-def make_mesh(spec: Sequence[Sequence[Any]] = (("data", -1),), devices=None) -> jax.sharding.Mesh:
-  """A mesh over all devices (or `devices`) from [(axis, size)]; one size may be -1 (the rest).
-
-  Every axis in AXES exists in the mesh (size 1 unless given), so rules and
-  batch specs can name them all.  Axes are Auto (compiler-propagated) shardings.
-  """
-  devices = list(jax.devices() if devices is None else devices)
+def _axis_sizes(spec: Sequence[Sequence[Any]], num_devices: int, what: str) -> dict[str, int]:
+  """{axis: size} for every axis in AXES from [(axis, size)] pairs, one size may be -1 (the rest)."""
   if not all(isinstance(a, (tuple, list)) and len(a) == 2 for a in spec):
-    raise ValueError(f"config.mesh must be (axis, size) pairs such as (('data', -1),), got {spec!r}.")
+    raise ValueError(f"{what} must be (axis, size) pairs such as (('data', -1),), got {spec!r}.")
   sizes = dict((str(name), int(size)) for name, size in spec)
   unknown = set(sizes) - set(AXES)
   if unknown:
@@ -68,14 +63,46 @@ def make_mesh(spec: Sequence[Sequence[Any]] = (("data", -1),), devices=None) -> 
     raise ValueError(f"Only one mesh axis may be -1, got {free}.")
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if free:
-    if len(devices) % fixed:
-      raise ValueError(f"{len(devices)} devices cannot be split into {sizes} (the fixed axes need a multiple of "
+    if num_devices % fixed:
+      raise ValueError(f"{num_devices} devices cannot be split into {sizes} (the fixed axes need a multiple of "
                        f"{fixed}).")
-    sizes[free[0]] = len(devices) // fixed
-  if math.prod(sizes.values()) != len(devices):
-    raise ValueError(f"Mesh {sizes} needs {math.prod(sizes.values())} devices, but there are {len(devices)}.")
-  shape = tuple(sizes.get(a, 1) for a in AXES)
-  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f"Mesh {sizes} needs {math.prod(sizes.values())} devices, but there are {num_devices}.")
+  return {a: sizes.get(a, 1) for a in AXES}
+
+
+def make_mesh(spec: Sequence[Sequence[Any]] = (("data", -1),), devices=None,
+              dcn: Sequence[Sequence[Any]] | None = None) -> jax.sharding.Mesh:
+  """A mesh over all devices (or `devices`) from [(axis, size)]; one size may be -1 (the rest).
+
+  Every axis in AXES exists in the mesh (size 1 unless given), so rules and
+  batch specs can name them all.  Axes are Auto (compiler-propagated) shardings.
+
+  `dcn` says how the axes are split *across* hosts (TPU slices, or processes
+  where there are no slices), e.g. (("data", 2),) for two hosts that each hold
+  half of the batch; each axis of `spec` then has `spec / dcn` devices inside a
+  host.  Without it the devices are laid out by `jax.make_mesh` (topology-aware
+  on TPU, in process order elsewhere).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = _axis_sizes(spec, len(devices), "config.mesh")
+  if not dcn:
+    return jax.make_mesh(tuple(sizes.values()), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+  # The units joined by the slow network: TPU slices where there are several, else processes (hosts).
+  by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1
+  granules = len({d.process_index for d in devices} if by_process else {d.slice_index for d in devices})
+  across = _axis_sizes(dcn, granules, "config.mesh_dcn")
+  inside = {}
+  for a in AXES:
+    if sizes[a] % across[a]:
+      raise ValueError(f"config.mesh_dcn splits axis {a!r} {across[a]} ways across hosts, which does not divide "
+                       f"its size {sizes[a]} in config.mesh.")
+    inside[a] = sizes[a] // across[a]
+  from jax.experimental import mesh_utils  # noqa: PLC0415
+  grid = mesh_utils.create_hybrid_device_mesh(tuple(inside.values()), tuple(across.values()), devices,
+                                              process_is_granule=by_process)
+  return jax.sharding.Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def _parse_tactics(tactics: str) -> list[tuple[str, int | None]]:
@@ -149,13 +176,46 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def put_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """This process's part of the global batch -> global arrays split over the batch axes."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+class BatchPlacement:
+  """Which rows of every global batch this process loads, and how they become one global array.
 
+  The batch axis is split over ("data", "fsdp"); a process loads the rows of the
+  shards that its own devices hold.  When devices of *different* processes hold
+  the same shard (a `tensor` axis that spans hosts), each of those processes
+  loads the same rows, so nothing depends on processes holding disjoint rows.
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-  """`jax.distributed.initialize()` for multi-host runs (TPU pods, multi-node GPU); a no-op otherwise."""
-  if enabled:
-    jax.distributed.initialize()
+    rows: [local_rows] indices into the global batch, ascending
+  """
+
+  def __init__(self, mesh: jax.sharding.Mesh, global_batch: int):
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % shards:
+      raise ValueError(f"A batch of {global_batch} cannot be split evenly over the {shards} batch shards of the "
+                       f"mesh {dict(mesh.shape)}: use a multiple of {shards}.")
+    self.mesh, self.global_batch = mesh, global_batch
+    self.sharding = batch_sharding(mesh)
+    spans = set()
+    for index in self.sharding.addressable_devices_indices_map((global_batch,)).values():
+      start, stop, _ = index[0].indices(global_batch)
+      spans.add((start, stop))
+    self._offsets, rows = {}, []
+    for start, stop in sorted(spans):
+      self._offsets[start] = len(rows)
+      rows.extend(range(start, stop))
+    self.rows = np.asarray(rows, np.int64)
+    if len(set(rows)) != len(rows):
+      raise AssertionError(f"Overlapping batch shards {sorted(spans)}.")
+
+  def put(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows (in `rows` order) -> global arrays of `global_batch` rows."""
+    def place(x):
+      x = np.asarray(x)
+      if x.shape[:1] != (len(self.rows),):
+        raise ValueError(f"Expected the {len(self.rows)} rows this process loads, got an array of shape {x.shape}.")
+
+      def rows_of(index):
+        start, stop, _ = index[0].indices(self.global_batch)
+        first = self._offsets[start]
+        return x[(slice(first, first + stop - start),) + tuple(index[1:])]
+      return jax.make_array_from_callback((self.global_batch, *x.shape[1:]), self.sharding, rows_of)
+    return {k: place(v) for k, v in local.items()}

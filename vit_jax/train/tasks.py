@@ -120,20 +120,19 @@ class MaskedPretraining:
 
 def load_teacher(path: str, num_classes: int, overrides: Mapping[str, Any] | None = None):
   """`(model, variables)` of a trained classifier: our checkpoint directory or a published `.npz`."""
-  import os
-
-  from vit_jax import checkpoint
+  from vit_jax import checkpoint, files
   from vit_jax.interop import common, npz
 
   if not path:
     raise ValueError("The distill task needs a teacher: set config.distill.teacher to a checkpoint directory "
                      "or an .npz file.")
-  if os.path.isdir(path):
+  where = files.path(path)  # local or gs://...
+  if where.is_dir():
     variables, saved = checkpoint.load_variables(path)
     if "model" not in saved:
       raise ValueError(f"{path!r} has no saved model settings; set config.distill.teacher_model.")
     settings = dict(saved["model"])
-  elif os.path.exists(path):
+  elif where.exists():
     params = npz.load_npz(path)
     variables, settings = {"params": params}, common.infer_settings(params)
   else:

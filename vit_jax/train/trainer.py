@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from typing import Any, Mapping
 
@@ -18,17 +17,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from vit_jax import files
 from vit_jax.checkpoint import settings_to_json
 from vit_jax.data import input_pipeline, score_maps
 from vit_jax.interop import common as interop_common
 from vit_jax.train import checkpoint as train_checkpoint
 from vit_jax.train import metrics as metrics_lib
-from vit_jax.train import optim, sharding, tasks
+from vit_jax.train import multihost, optim, sharding, tasks
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf; training stopped before saving anything from that step on."""
+
+
+class Preempted(Exception):
+  """A preemption notice (SIGTERM) arrived: the run saved its state at `step` and stopped."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted: saved step {step}; rerun the same command to resume")
+    self.step = step
 
 
 def _config_dict(config) -> dict[str, Any]:
@@ -40,32 +49,34 @@ def _image_size(config) -> tuple[int, int]:
   return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Train `config` in `workdir` (resuming whatever is there); returns the final evaluation metrics."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(_config_dict(config), f, indent=2, default=str)
+def train_and_evaluate(config, workdir) -> dict[str, float]:
+  """Train `config` in `workdir` (resuming whatever is there); returns the final evaluation metrics.
+
+  Raises `Preempted` after saving when a preemption notice (SIGTERM) arrives.
+  """
+  workdir = files.path(workdir)  # `gs://...` stays a URI for orbax and the writers
 
   # ---------------------------------------------------------------- mesh
   n = config.get("num_devices")
-  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:n] if n else None)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:n] if n else None, dcn=config.get("mesh_dcn"))
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    files.write_atomic(workdir / "config.json", json.dumps(_config_dict(config), indent=2, default=str))
   logging.info("Mesh %s over %d devices, %d process(es).", dict(mesh.shape), mesh.size, jax.process_count())
   # Everything below traces under this mesh and maps the activations' logical axis names onto it.
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
     return _train(config, workdir, mesh)
 
 
-def _train(config, workdir: str, mesh) -> dict[str, float]:
+def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
   is_main = jax.process_index() == 0
 
   # ---------------------------------------------------------------- input
+  # Every process reads the rows of each global batch that its devices hold (BatchPlacement);
+  # the global batches themselves do not depend on the number of processes or devices.
   global_batch = config.batch_size
-  if global_batch % jax.process_count() or global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise ValueError(f"batch_size={global_batch} must divide evenly over {jax.process_count()} processes and "
-                     f"the {mesh.shape['data'] * mesh.shape['fsdp']} batch shards of the mesh.")
-  local_batch = global_batch // jax.process_count()
+  placement = sharding.BatchPlacement(mesh, global_batch)
+  local_batch = len(placement.rows)
   text_options = config.data.get("text")
   text_options = text_options.to_dict() if hasattr(text_options, "to_dict") else text_options
   train_source = input_pipeline.get_source(config.data.name, config.data.train_split, config.data.data_dir,
@@ -78,9 +89,9 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
                                           text_options)
   steps_per_epoch = len(train_source) / global_batch
   total_steps = optim.to_steps(config, "total", steps_per_epoch=steps_per_epoch, batch_size=global_batch)
-  train_data = input_pipeline.train_dataset(
-      train_source, config.data.pp_train, local_batch, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), repeated_augmentation=int(config.data.get("repeated_augmentation", 1) or 1))
+  make_train_data = lambda start: input_pipeline.train_dataset(
+      train_source, config.data.pp_train, global_batch, seed=config.seed, rows=placement.rows, start=start,
+      repeated_augmentation=int(config.data.get("repeated_augmentation", 1) or 1))
 
   # ---------------------------------------------------------------- model
   task = tasks.get_task(config, train_source.num_classes, train_source.info)
@@ -119,14 +130,25 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
                                           state_shape, state_sharding)
 
   # ---------------------------------------------------------------- resume / init
+  accumulate = int(config.get("accumulate", 1) or 1)
+  per_shard = global_batch // (mesh.shape["data"] * mesh.shape["fsdp"])
+  if per_shard % accumulate:
+    raise ValueError(f"accumulate={accumulate} must divide the batch of each of the "
+                     f"{mesh.shape['data'] * mesh.shape['fsdp']} batch shards ({per_shard}).")
+  eval_global_batch = int(config.get("eval_batch_size") or global_batch)
+  eval_placement = sharding.BatchPlacement(mesh, eval_global_batch)
+
   ckpt = train_checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, keep_every=config.get("keep_every_steps"))
   saved_config = {"task": config.get("task", "classification"), "model": settings_to_json(task.settings)}
   saved_config.update(task.saved_config() if hasattr(task, "saved_config") else {"image_size": [h, w]})
   restored = ckpt.restore_latest(abstract_state)
-  train_iter = iter(train_data)
   if restored is not None:
     first_step, state, data_state = restored
-    train_iter.set_state(data_state)
+    saved_batch = data_state.get("batch_size", global_batch)
+    if saved_batch != global_batch:
+      raise ValueError(f"{ckpt.directory} was trained with batch_size={saved_batch}, not {global_batch}: its data "
+                       "position is in those batches. Resume with the same batch_size, or start a new workdir "
+                       "with config.init.path pointing at the checkpoint.")
     if is_main:
       print(f"resumed from step {first_step} in {ckpt.directory}", flush=True)
   else:
@@ -134,11 +156,9 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
     state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
     if config.init.get("path"):
       state = _load_init(config, state, state_sharding)
+  train_iter = iter(make_train_data(first_step))  # global batch j is the data of step j + 1
 
   # ---------------------------------------------------------------- update step
-  accumulate = int(config.get("accumulate", 1) or 1)
-  if local_batch % accumulate:
-    raise ValueError(f"accumulate={accumulate} must divide the per-process batch {local_batch}.")
 
   constants = jax.device_put(task.constants, jax.NamedSharding(mesh, jax.P()))  # e.g. a teacher, replicated
 
@@ -184,7 +204,6 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
                     in_shardings=(params_sharding, state_sharding["extra"], batch_sharding), out_shardings=replicated)
 
   # ---------------------------------------------------------------- evaluation
-  eval_batch = int(config.get("eval_batch_size") or global_batch) // jax.process_count()
 
   def evaluate(state) -> dict[str, float]:
     """eval/<metric>, and eval_ema/<metric> for the weight average when config.ema_decay is set."""
@@ -195,14 +214,15 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
 
   def evaluate_params(params, extra, prefix: str) -> dict[str, float]:
     sums, arrays = None, {}
-    for batch in input_pipeline.eval_batches(eval_source, config.data.pp_eval, eval_batch,
-                                             process_index=jax.process_index(), process_count=jax.process_count()):
-      out = eval_fn(params, extra, sharding.put_batch(batch, mesh))
-      per_example = {k: out.pop(k) for k in list(out) if k.startswith("_")}
-      if per_example:  # gathered whole (replicated output): keep the real examples' rows
-        keep = batch_mask_of(batch) > 0
-        for k, v in jax.device_get(per_example).items():
-          arrays.setdefault(k, []).append(np.asarray(v)[keep])
+    batches = input_pipeline.eval_batches(eval_source, config.data.pp_eval, eval_global_batch,
+                                          rows=eval_placement.rows)
+    for k, batch in enumerate(batches):
+      out = eval_fn(params, extra, eval_placement.put(batch))
+      per_example = {name: out.pop(name) for name in list(out) if name.startswith("_")}
+      if per_example:  # replicated outputs in global row order: keep the real examples (the first n rows)
+        keep = np.arange(k * eval_global_batch, (k + 1) * eval_global_batch) < len(eval_source)
+        for name, v in jax.device_get(per_example).items():
+          arrays.setdefault(name, []).append(np.asarray(v)[keep])
       sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     count = float(sums["count"])
@@ -224,6 +244,8 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
   final: dict[str, float] = {}
   pending, tic, seen = None, time.perf_counter(), 0
   checked_shape = False
+  data_state = lambda step: {"batches": step, "batch_size": global_batch, "seed": int(config.seed)}
+  preemption = multihost.PreemptionWatch()
   try:
     for step in range(first_step + 1, total_steps + 1):
       batch = next(train_iter)
@@ -233,7 +255,7 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
         else:
           _check_batch(batch, (local_batch, h, w, channels))
         checked_shape = True
-      state, m = step_fn(state, constants, sharding.put_batch(batch, mesh))
+      state, m = step_fn(state, constants, placement.put(batch))
       seen += global_batch
       if pending is not None:  # check the previous step's loss while this one runs
         _check_finite(*pending)
@@ -246,9 +268,15 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
         tic, seen = toc, 0
         writer.write(step, m)
         progress.update(step, m)
-      if step % ckpt_every == 0 or step == total_steps:
+      preempted = preemption.reached(step)  # every process answers True at the same step
+      if step % ckpt_every == 0 or step == total_steps or preempted:
         _check_finite(*pending)
-        ckpt.save(step, state, train_iter.get_state(), saved_config)
+        ckpt.save(step, state, data_state(step), saved_config)
+      if preempted:
+        ckpt.wait()
+        if is_main:
+          print(f"preempted: saved step {step} in {ckpt.directory}; rerun the same command to resume", flush=True)
+        raise Preempted(step)
       if step % eval_every == 0 or step == total_steps:
         final = evaluate(state)
         writer.write(step, final)
@@ -257,6 +285,7 @@ def _train(config, workdir: str, mesh) -> dict[str, float]:
     if first_step >= total_steps:
       final = evaluate(state)
   finally:
+    preemption.close()
     ckpt.close()
     writer.close()
   return final
@@ -284,14 +313,6 @@ def _check_arrays(batch: Mapping[str, np.ndarray], expected: Mapping[str, int]) 
                        f"{rows} rows: check config.batch_size and the dataset.")
 
 
-def batch_mask_of(batch: Mapping[str, np.ndarray]) -> np.ndarray:
-  """The evaluation batch's `mask` for the whole global batch (what the replicated outputs hold)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    return np.asarray(multihost_utils.process_allgather(batch["mask"], tiled=True))
-  return np.asarray(batch["mask"])
-
-
 def _load_init(config, state, state_sharding):
   """Start from `config.init.path` (our checkpoint or a published .npz): head reset, posemb resized."""
   from vit_jax.interop import load_pretrained
@@ -299,9 +320,11 @@ def _load_init(config, state, state_sharding):
   init = config.init
   h, w = _image_size(config)
   ph, pw = interop_common.model_settings(dict(config.model))["patch_size"]
-  params = load_pretrained(init.path, jax.device_get(state["params"]), dont_load=list(init.get("dont_load") or ()),
+  # The fresh parameters, whole on every host, are the template (and the new head's initial values);
+  # under FSDP over several processes they are gathered first.
+  params = load_pretrained(init.path, multihost.to_host(state["params"]), dont_load=list(init.get("dont_load") or ()),
                            reinit_head=bool(init.get("reinit_head", True)),
                            posemb_resize=init.get("posemb_resize", "vit_jax"), grid=(h // ph, w // pw))
   logging.info("Initialised from %s.", init.path)
-  params = jax.device_put(params, state_sharding["params"])
+  params = multihost.from_host(params, state_sharding["params"])
   return dict(state, params=params)
