@@ -8,9 +8,10 @@ encoder under `nn.scan` with a remat policy, parameters sharded by the default
 rules (`vit_jax.train.sharding`), the batch split over the mesh's batch axes.  It
 is lowered on simulated CPU devices and compiled for memory only
 (`compiled.memory_analysis()`): per device, the state (parameters + optimizer) and
-the peak of the temporaries, at per-device batches 1 and 2.  Activation memory
-grows linearly with the batch, so those two points give the largest per-device
-batch that fits a device of each size.  XLA:CPU schedules and fuses differently
+the peak of the temporaries, at per-device batches 8, 16, 32, ... until the
+temporaries grow with the batch (at small batches the optimizer update's peak can
+hide the activations).  Activation memory grows linearly with the batch, so the
+last two points give the largest per-device batch that fits a device of each size.  XLA:CPU schedules and fuses differently
 from the TPU and GPU compilers, so the numbers are estimates of the same program's
 needs, not a measurement on those devices.
 """
@@ -33,7 +34,7 @@ def _set_devices(n: int) -> None:
 
 GIB = 2 ** 30
 DEVICE_GIB = (16, 32, 80, 141)
-BATCHES = (8, 16)  # per device: two points of the (linear) activation memory  # TPU v5e / v4 (32) / A100-H100 80 GB / H200
+FIRST_BATCH, LAST_BATCH = 8, 1024  # per device  # TPU v5e / v4 (32) / A100-H100 80 GB / H200
 
 
 def step_memory(variant: str, mesh_kind: str, devices: int, per_device_batch: int, *, remat: str = "nothing_saveable",
@@ -87,11 +88,37 @@ def step_memory(variant: str, mesh_kind: str, devices: int, per_device_batch: in
           "total_state": sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree_util.tree_leaves(abstract))}
 
 
-def fits(b1: dict[str, float], b2: dict[str, float], capacity: float) -> int:
-  """Largest per-device batch whose state + temporaries fit `capacity` bytes (linear in the batch)."""
-  per_example = max((b2["temp"] - b1["temp"]) / (BATCHES[1] - BATCHES[0]), 1)
-  fixed = b1["state"] + b1["temp"] - per_example * BATCHES[0]
-  return max(int((capacity - fixed) // per_example), 0)
+def profile(variant: str, mesh_kind: str, devices: int, remat: str, resolution: int) -> dict[str, float]:
+  """State and temporaries at growing per-device batches: 8, 16, 32, ... until the temporaries have
+  grown over two doublings in a row (below that, the optimizer update's peak can hide the activations').
+
+  Returns {"state", "temp_first", "temp_last", "batch_last", "per_example", "compile_s", "compiles"}.
+  """
+  temps, b, compile_s = {}, FIRST_BATCH, 0.0
+  while True:
+    m = step_memory(variant, mesh_kind, devices, b, remat=remat, resolution=resolution)
+    temps[b], compile_s = m["temp"], compile_s + m["compile_s"]
+    grown = [x > y * 1.02 for x, y in zip(list(temps.values())[1:], list(temps.values())[:-1])]
+    if (len(grown) >= 2 and grown[-1] and grown[-2]) or b >= LAST_BATCH:
+      break
+    b *= 2
+  last, before = b, b // 2
+  per_example = (temps[last] - temps[before]) / (last - before)
+  return {"state": m["state"], "temp_first": temps[FIRST_BATCH], "temp_last": temps[last], "batch_last": last,
+          "per_example": per_example, "compile_s": compile_s, "compiles": len(temps)}
+
+
+def fits(p: dict[str, float], capacity: float) -> int:
+  """Largest per-device batch whose state + temporaries fit `capacity` bytes.
+
+  Temporaries: the larger of the small-batch peak and the activations' line through the last two points.
+  """
+  if p["per_example"] <= 0:
+    return 0
+  budget = capacity - p["state"]
+  if budget < p["temp_first"]:
+    return 0
+  return max(int(p["batch_last"] + (budget - p["temp_last"]) // p["per_example"]), 0)
 
 
 def main(argv=None) -> None:
@@ -107,18 +134,19 @@ def main(argv=None) -> None:
   import jax
   jax.config.update("jax_platforms", "cpu")
 
-  print(f"| model | mesh | devices | state GiB/device | temp GiB/device (batch {BATCHES[0]} / {BATCHES[1]}) | "
-        + " | ".join(f"batch/device on {g} GiB" for g in DEVICE_GIB) + " | compile s |")
-  print("|---|---|---|---|---|" + "---|" * len(DEVICE_GIB) + "---|")
+  print(f"# jax {jax.__version__}, XLA:CPU memory_analysis of the compiled step; AdamW float32, nn.scan, remat "
+        f"{args.remat}, {args.resolution} px, 1000 classes")
+  print(f"| model | mesh | devices | state GiB/device | temp GiB at {FIRST_BATCH}/device | MiB per image | "
+        + " | ".join(f"batch/device on {g} GiB" for g in DEVICE_GIB) + " | compiles, s |")
+  print("|---|---|---|---|---|---|" + "---|" * len(DEVICE_GIB) + "---|")
   for variant in args.variants.split(","):
     for mesh_kind in args.meshes.split(","):
       for devices in device_counts:
-        b1, b2 = (step_memory(variant, mesh_kind, devices, b, remat=args.remat, resolution=args.resolution)
-                  for b in BATCHES)
-        cells = [str(fits(b1, b2, g * GIB)) or "0" for g in DEVICE_GIB]
-        print(f"| {variant} | {mesh_kind} | {devices} | {b1['state'] / GIB:.2f} | "
-              f"{b1['temp'] / GIB:.2f} / {b2['temp'] / GIB:.2f} | " + " | ".join(cells)
-              + f" | {b1['compile_s'] + b2['compile_s']:.0f} |", flush=True)
+        p = profile(variant, mesh_kind, devices, args.remat, args.resolution)
+        cells = [str(fits(p, g * GIB)) for g in DEVICE_GIB]
+        print(f"| {variant} | {mesh_kind} | {devices} | {p['state'] / GIB:.2f} | {p['temp_first'] / GIB:.2f} | "
+              f"{p['per_example'] / 2 ** 20:.1f} | " + " | ".join(cells)
+              + f" | {p['compiles']}, {p['compile_s']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

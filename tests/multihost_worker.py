@@ -18,7 +18,7 @@ from vit_jax import runtime  # noqa: E402
 
 runtime.tune_xla_cpu()
 
-from vit_jax.train import multihost, trainer  # noqa: E402
+from vit_jax.train import multihost, sharding, trainer  # noqa: E402
 
 
 def set_all(config, overrides):
@@ -36,8 +36,12 @@ def main(path):
   with open(path) as f:
     specs = json.load(f)
   for spec in specs:
-    config = importlib.import_module(spec["config"]).get_config(spec.get("arg"))
-    trainer.train_and_evaluate(set_all(config, spec.get("overrides", {})), spec["workdir"])
+    config = set_all(importlib.import_module(spec["config"]).get_config(spec.get("arg")), spec.get("overrides", {}))
+    mesh = sharding.make_mesh(config.mesh, dcn=config.get("mesh_dcn"))
+    layout = {"axes": list(mesh.axis_names), "processes": [[[d.process_index for d in row] for row in plane]
+                                                          for plane in mesh.devices.tolist()]}
+    print(f"mesh: {json.dumps(layout)}", flush=True)  # which process holds each mesh position
+    trainer.train_and_evaluate(config, spec["workdir"])
     print(f"done: {spec['workdir']}", flush=True)
 
 

@@ -93,12 +93,12 @@ class Job:
     """Exit statuses; a failure kills the other processes; past `timeout` all are killed (status 124)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
-      while any(p.poll() is None for p in self.procs):
+      while None in [p.poll() for p in self.procs]:  # a list: poll every process, not just up to the first alive
         failed = [p.returncode for p in self.procs if p.returncode not in (None, 0)]
         if failed or (deadline is not None and time.monotonic() > deadline):
           # Give the others a moment to fail on their own (their errors are more telling), then kill.
-          grace = time.monotonic() + (10 if failed else 0)
-          while any(p.poll() is None for p in self.procs) and time.monotonic() < grace:
+          grace = time.monotonic() + (5 if failed else 0)
+          while None in [p.poll() for p in self.procs] and time.monotonic() < grace:
             time.sleep(0.1)
           timed_out = not failed
           self.kill()

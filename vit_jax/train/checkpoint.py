@@ -66,7 +66,8 @@ class Checkpointer:
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
     """`(step, state, data_state)` of the newest restorable step, or None when there is none."""
     steps = sorted(self.manager.all_steps(), reverse=True)
-    multihost.agree((len(steps), *steps), f"the checkpoint steps in {self.directory}")
+    multihost.agree(len(steps), f"the number of checkpoint steps in {self.directory}")
+    multihost.agree(tuple(steps), f"the checkpoint steps in {self.directory}")
     for step in steps:
       error = None
       try:

@@ -58,6 +58,9 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
 
   # ---------------------------------------------------------------- mesh
   n = config.get("num_devices")
+  if n and jax.process_count() > 1:
+    raise ValueError(f"config.num_devices={n} picks devices of one process; with {jax.process_count()} processes "
+                     "leave it unset and size the mesh with config.mesh.")
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:n] if n else None, dcn=config.get("mesh_dcn"))
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
