@@ -38,12 +38,11 @@ $(TIMM_STAMP): pyproject.toml constraints-timm.txt
 demo: $(RUNTIME_STAMP)
 	$(PY) main.py
 
-# --dist loadgroup: the tests of one xdist_group (a multi-process job shared by its tests) stay on one worker.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup -rs --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 -rs --durations=15 $(PYTEST_ARGS)
 
 test-quick: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 test-timm: $(TIMM_STAMP)
 	HF_HUB_OFFLINE=1 $(TIMM_VENV)/bin/python -m pytest -n 2 -m timm -rs $(PYTEST_ARGS)

@@ -24,10 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
 JOB_TIMEOUT = 420
 
-# Two groups, each kept on one xdist worker (`--dist loadgroup`) so that its module fixtures run once.
+# Each test runs its own jobs from start to end: a module fixture shared between tests would be
+# rebuilt on every xdist worker that runs one of them.
 pytestmark = pytest.mark.slow
-EQUIVALENCE = pytest.mark.xdist_group("multihost_equivalence")
-RESUME = pytest.mark.xdist_group("multihost_resume")
 
 TINY_VIT = {"model.width": 16, "model.depth": 1, "model.mlp_dim": 32, "model.num_heads": 4, "model.stem_width": 8,
             "batch_size": 16, "eval_batch_size": 24, "total_steps": 6, "log_steps": 1, "eval_steps": 6,
@@ -89,74 +88,55 @@ def assert_bitwise(a, b):
     assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
-def equivalence_runs(tmp_path_factory, data_dir):
-  """{topology: {run name: workdir}} for 2 processes x 2 devices and 1 process x 4 devices."""
-  out = {}
+def equivalence_jobs(tmp_path, data_dir):
+  """{topology: {run name: workdir}}, and {topology: {run name: mesh layout}}, for 2 x 2 and 1 x 4."""
+  workdirs, layouts = {}, {}
   for processes, devices in ((2, 2), (1, 4)):
-    root = str(tmp_path_factory.mktemp(f"mh{processes}x{devices}"))
+    root = str(tmp_path / f"mh{processes}x{devices}")
     runs = specs(root, data_dir, processes)
+    os.makedirs(root)
     spec_file = os.path.join(root, "specs.json")
     with open(spec_file, "w") as f:
       json.dump(list(runs.values()), f)
     job, codes = run_job([WORKER, spec_file], processes, devices)
     assert codes == [0] * processes, describe(job, codes)
-    out[(processes, devices)] = {name: spec["workdir"] for name, spec in runs.items()}
-    layouts = [json.loads(line[len("mesh: "):]) for line in job.output(0).splitlines() if line.startswith("mesh: ")]
-    out[(processes, devices, "mesh")] = dict(zip(runs, layouts))
-  return out
+    workdirs[processes, devices] = {name: spec["workdir"] for name, spec in runs.items()}
+    printed = [json.loads(line[len("mesh: "):]) for line in job.output(0).splitlines() if line.startswith("mesh: ")]
+    layouts[processes, devices] = dict(zip(runs, printed))
+  return workdirs, layouts
 
 
-@EQUIVALENCE
-@pytest.mark.parametrize("name", ["data", "fsdp_finetune", "data_x_tensor", "mae", "deit", "seq2seq"])
-def test_two_processes_train_and_evaluate_as_one(equivalence_runs, name):
-  """Per-step losses and the final evaluation of 2 processes x 2 devices equal 1 process x 4 devices."""
-  many, one = (read_metrics(equivalence_runs[t][name]) for t in ((2, 2), (1, 4)))
+def test_two_processes_train_and_evaluate_as_one(tmp_path):
+  """2 processes x 2 devices against 1 process x 4 devices, same configs and seed: per-step losses (to 1e-5)
+  and final evaluations (exactly) for every run of `specs`."""
+  workdirs, layouts = equivalence_jobs(tmp_path, str(tmp_path / "tfds"))
   losses = lambda events: [(e["step"], e["train/loss"]) for e in events if "train/loss" in e]
-  assert len(losses(many)) >= 5
-  steps_many, loss_many = zip(*losses(many))
-  steps_one, loss_one = zip(*losses(one))
-  assert steps_many == steps_one
-  np.testing.assert_allclose(loss_many, loss_one, rtol=1e-5)
   evals = lambda events: {k: v for e in events for k, v in e.items() if k.startswith("eval")}
-  assert evals(many) and evals(many) == evals(one)
+  for name in workdirs[2, 2]:
+    many, one = read_metrics(workdirs[2, 2][name]), read_metrics(workdirs[1, 4][name])
+    assert len(losses(many)) >= 5, name
+    assert [s for s, _ in losses(many)] == [s for s, _ in losses(one)], name
+    np.testing.assert_allclose([v for _, v in losses(many)], [v for _, v in losses(one)], rtol=1e-5, err_msg=name)
+    assert evals(many) and evals(many) == evals(one), name
 
-
-@EQUIVALENCE
-def test_mesh_dcn_puts_each_tensor_pair_on_two_processes(equivalence_runs):
-  layout = equivalence_runs[(2, 2, "mesh")]["data_x_tensor"]
-  assert layout["axes"] == ["data", "fsdp", "tensor"]
-  processes = np.asarray(layout["processes"])  # [data 2, fsdp 1, tensor 2]
-  assert processes.shape == (2, 1, 2)
-  assert all(sorted(pair) == [0, 1] for pair in processes.reshape(2, 2))  # tensor pairs span the processes
-  assert np.asarray(equivalence_runs[(2, 2, "mesh")]["data"]["processes"]).ravel().tolist() == [0, 0, 1, 1]
-
-
-@EQUIVALENCE
-def test_evaluation_counts_every_example_once(equivalence_runs):
-  """359 test digits, eval batch 24, 2 processes: the trainer checks the count; the accuracy is a whole
-  number of examples out of 359."""
+  # The evaluation split has 359 examples (neither the eval batch of 24 nor 2 processes divides it): the
+  # trainer checks that it counted each once, and the accuracy is a whole number of examples.
   for topology in ((2, 2), (1, 4)):
-    accuracy = [e for e in read_metrics(equivalence_runs[topology]["data"]) if "eval/accuracy" in e][-1]
-    correct = accuracy["eval/accuracy"] * 359
-    assert abs(correct - round(correct)) < 1e-6
+    accuracy = [e for e in read_metrics(workdirs[topology]["data"]) if "eval/accuracy" in e][-1]
+    assert abs(accuracy["eval/accuracy"] * 359 - round(accuracy["eval/accuracy"] * 359)) < 1e-6
 
+  # mesh_dcn put each tensor pair on both processes; the default data mesh keeps process order.
+  layout = layouts[2, 2]["data_x_tensor"]
+  processes = np.asarray(layout["processes"])  # [data 2, fsdp 1, tensor 2]
+  assert layout["axes"] == ["data", "fsdp", "tensor"] and processes.shape == (2, 1, 2)
+  assert all(sorted(pair) == [0, 1] for pair in processes.reshape(2, 2))
+  assert np.asarray(layouts[2, 2]["data"]["processes"]).ravel().tolist() == [0, 0, 1, 1]
 
-@EQUIVALENCE
-def test_fsdp_finetune_shards_parameters_over_processes(equivalence_runs):
-  """The fine-tuned run started from the data run's encoder (not its head) and kept training."""
-  base, tuned = (params_at(equivalence_runs[(2, 2)][n]) for n in ("data", "fsdp_finetune"))
-  with open(os.path.join(equivalence_runs[(2, 2)]["fsdp_finetune"], "config.json")) as f:
-    assert json.load(f)["mesh"] == [["fsdp", -1]]
-  moved = [k for k in base if not k.startswith("head/") and not np.array_equal(base[k], tuned[k])]
-  assert moved  # trained on from the loaded encoder
-  diff = max(float(np.abs(base[k] - tuned[k]).max()) for k in base if not k.startswith("head/"))
-  assert diff < 0.05  # six small steps from the loaded weights, not a fresh initialisation
+  # FSDP fine-tuning started from the data run's encoder (its head reset) and trained on: small steps away.
+  base, tuned = (params_at(workdirs[2, 2][n]) for n in ("data", "fsdp_finetune"))
+  encoder = [k for k in base if not k.startswith("head/")]
+  assert any(not np.array_equal(base[k], tuned[k]) for k in encoder)
+  assert max(float(np.abs(base[k] - tuned[k]).max()) for k in encoder) < 0.05
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -170,83 +150,77 @@ def main_command(workdir, data_dir, **overrides):
   return ["main.py", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
 
 
+def progress_steps(text):
+  return [int(line.split()[1].split("/")[0]) for line in text.splitlines()
+          if line.startswith("step ") and "/" in line.split()[1]]
+
+
 def wait_for_step(job, step, deadline_s=300):
   """Block until process 0 has printed the progress line of `step` (or later)."""
   deadline = time.time() + deadline_s
   while time.time() < deadline:
-    for line in list(job.outputs[0]):
-      if line.startswith("step ") and "/" in line.split()[1] and int(line.split()[1].split("/")[0]) >= step:
-        return
+    if any(s >= step for s in progress_steps("".join(job.outputs[0]))):
+      return
     assert all(p.poll() is None for p in job.procs), describe(job, [p.poll() for p in job.procs])
     time.sleep(0.05)
-  raise AssertionError("the run did not reach step %d in time" % step)
+  raise AssertionError(f"the run did not reach step {step} in time")
 
 
-@pytest.fixture(scope="module")
-def reference_2x2(tmp_path_factory, data_dir):
-  workdir = str(tmp_path_factory.mktemp("reference") / "run")
-  job, codes = run_job(main_command(workdir, data_dir), 2, 2)
-  assert codes == [0, 0], describe(job, codes)
-  return workdir
-
-
-@RESUME
-def test_sigkill_one_process_then_restart_both_past_a_damaged_step_is_bitwise_identical(tmp_path, data_dir, reference_2x2):
-  workdir = str(tmp_path / "run")
-  job = Job(main_command(workdir, data_dir), 2, 2, cwd=ROOT, echo=False)
+def interrupted(workdir, data_dir, processes, devices, signum, step, process_id=None):
+  """Run main.py as a job, send `signum` to one process (or all) once step `step` is printed; statuses."""
+  job = Job(main_command(workdir, data_dir), processes, devices, cwd=ROOT, echo=False)
   try:
-    wait_for_step(job, 17)  # past the checkpoints of steps 5 and 10
-    job.signal(signal.SIGKILL, process_id=1)
-    codes = job.wait(JOB_TIMEOUT)  # process 0 is stuck in a collective: the launcher kills it
+    wait_for_step(job, step)
+    job.signal(signum, process_id=process_id)
+    codes = job.wait(JOB_TIMEOUT)
   finally:
     job.kill()
+  return job, codes
+
+
+def test_kill_damage_preempt_and_move_hosts_then_end_bitwise_identical(tmp_path):
+  """One run, interrupted three ways, ends with the parameters of the uninterrupted 2-process run:
+  1. 2 x 2: SIGKILL of process 1 mid-run (process 0, stuck in a collective, is killed by the launcher);
+  2. the newest checkpoint is damaged; 2 x 2 restarted: all processes give that step up, process 0 alone
+     moves it aside, both resume from the step before; then SIGTERM to process 1 only: both save at one step;
+  3. resumed on 1 process x 4 devices, to the end."""
+  data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
+  reference = str(tmp_path / "reference")
+  job, codes = run_job(main_command(reference, data_dir), 2, 2)
+  assert codes == [0, 0], describe(job, codes)
+
+  job, codes = interrupted(workdir, data_dir, 2, 2, signal.SIGKILL, 17, process_id=1)  # past steps 5 and 10
   assert codes[1] == -signal.SIGKILL and codes[0] != 0, describe(job, codes)
-  # Damage the newest complete step too: the restarted processes must all give it up, process 0 alone
-  # moves it aside, and both resume from the step before.
+
   ckpts = os.path.join(workdir, "checkpoints")
   newest = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
   for root, _, names in os.walk(os.path.join(ckpts, str(newest), "state")):
     for name in names:
       with open(os.path.join(root, name), "r+b") as f:
         f.truncate(max(os.path.getsize(f.name) // 3, 1))
-  job, codes = run_job(main_command(workdir, data_dir), 2, 2)
-  assert codes == [0, 0], describe(job, codes)
-  assert f"resumed from step {newest - 5}" in job.output(0)
+  job, codes = interrupted(workdir, data_dir, 2, 2, signal.SIGTERM, newest - 5 + 2, process_id=1)
+  out = job.output(0)
+  assert codes == [143, 143], describe(job, codes)
+  assert f"resumed from step {newest - 5}" in out
   assert all(f"Checkpoint step {newest}" in job.output(i) for i in range(2)), describe(job, codes)
   assert len([d for d in os.listdir(ckpts) if d.startswith(f"{newest}.corrupt-")]) == 1
-  assert_bitwise(params_at(workdir), params_at(reference_2x2))
-
-
-@RESUME
-@pytest.mark.parametrize("who", ["one", "all"])
-def test_sigterm_saves_then_resume_on_one_process_is_bitwise_identical(tmp_path, data_dir, reference_2x2, who):
-  """A preemption notice to one process (or all) stops both at one step, saved; the run then resumes on
-  1 process x 4 devices and ends with the parameters of the uninterrupted 2-process run."""
-  workdir = str(tmp_path / "run")
-  job = Job(main_command(workdir, data_dir), 2, 2, cwd=ROOT, echo=False)
-  try:
-    wait_for_step(job, 3)
-    job.signal(signal.SIGTERM, process_id=1 if who == "one" else None)
-    codes = job.wait(JOB_TIMEOUT)
-  finally:
-    job.kill()
-  assert codes == [143, 143], describe(job, codes)
-  said = [line for line in job.output(0).splitlines() if line.startswith("preempted: saved step")]
-  assert len(said) == 1, job.output(0)[-3000:]
+  said = [line for line in out.splitlines() if line.startswith("preempted: saved step")]
+  assert len(said) == 1, out[-3000:]
   step = int(said[0].split()[3])
-  assert 3 <= step < 30
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+  assert newest - 5 < step < 30 and os.path.isdir(os.path.join(ckpts, str(step)))
+
   job, codes = run_job(main_command(workdir, data_dir), 1, 4)
   assert codes == [0], describe(job, codes)
   assert f"resumed from step {step}" in job.output(0)
-  assert_bitwise(params_at(workdir), params_at(reference_2x2))
+  assert_bitwise(params_at(workdir), params_at(reference))
 
 
-@RESUME
-def test_sigterm_single_process_without_distributed(tmp_path, data_dir):
-  """Plain `python main.py` (no jax.distributed): the SIGTERM handler saves at the next step and exits 143."""
+def test_sigterm_single_process_without_distributed(tmp_path):
+  """Plain `python main.py` (no jax.distributed): the SIGTERM handler saves at the next step and exits 143;
+  the rerun ends bitwise equal to an uninterrupted run."""
   from tests.helpers import one_device_flags
 
+  data_dir = str(tmp_path / "tfds")
   env = dict(os.environ, XLA_FLAGS=one_device_flags(os.environ.get("XLA_FLAGS", "")), PYTHONUNBUFFERED="1")
   for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(k, None)

@@ -1,7 +1,6 @@
 """Meshes and parameter sharding on 8 simulated CPU devices, and the same training on every mesh."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -76,26 +75,21 @@ MESHES = {"one_device": dict(num_devices=1), "data_parallel": dict(mesh=(("data"
           "data_x_tensor": dict(mesh=(("data", 2), ("tensor", 4)))}
 
 
-@pytest.fixture(scope="module")
-def losses(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  out = {}
+@pytest.mark.slow
+def test_every_mesh_trains_like_one_device(tmp_path):
+  """One test for all meshes (a shared module fixture would be rebuilt on each xdist worker)."""
+  data_dir = str(tmp_path / "tfds")
+  losses = {}
   for name, kw in MESHES.items():
-    workdir = tmp_path_factory.mktemp(name)
     config = tiny(data_dir, **{"total_steps": 5, "log_steps": 1, "checkpoint_steps": 5, "eval_steps": 5,
                                "model.num_heads": 4, "num_devices": None, **kw})
-    trainer.train_and_evaluate(config, str(workdir))
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      out[name] = [e["train/loss"] for e in map(json.loads, f) if "train/loss" in e]
-  return out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["data_parallel", "fsdp", "data_x_tensor"])
-def test_every_mesh_trains_like_one_device(losses, name):
-  ref, got = np.array(losses["one_device"]), np.array(losses[name])
+    trainer.train_and_evaluate(config, str(tmp_path / name))
+    with open(tmp_path / name / "metrics.jsonl") as f:
+      losses[name] = [e["train/loss"] for e in map(json.loads, f) if "train/loss" in e]
+  ref = np.array(losses["one_device"])
   assert len(ref) == 5 and ref[-1] != ref[0]
-  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  for name in ("data_parallel", "fsdp", "data_x_tensor"):
+    np.testing.assert_allclose(losses[name], ref, rtol=1e-5, err_msg=name)
 
 
 @pytest.mark.slow

@@ -17,7 +17,6 @@ On CPU the collectives between processes use gloo.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 from typing import Any
@@ -173,7 +172,3 @@ class PreemptionWatch:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
 
-
-def log_topology() -> None:
-  logging.info("Process %d of %d: %d local devices of %d.", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
