@@ -62,6 +62,13 @@ def specs(root, data_dir, processes):
   return {name: dict(spec, workdir=f"{root}/{name}") for name, spec in runs.items()}
 
 
+def compile_cache(tmp_path):
+  """An environment whose processes share compiled programs (runs of one topology compile the same
+  programs; a cached program is the same program, so results stay bitwise equal): test time only."""
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
 def run_job(command, processes, devices, timeout=JOB_TIMEOUT, **kwargs):
   job = Job(command, processes, devices, cwd=ROOT, echo=False, **kwargs)
   codes = job.wait(timeout)
@@ -166,9 +173,9 @@ def wait_for_step(job, step, deadline_s=300):
   raise AssertionError(f"the run did not reach step {step} in time")
 
 
-def interrupted(workdir, data_dir, processes, devices, signum, step, process_id=None):
+def interrupted(workdir, data_dir, processes, devices, signum, step, process_id=None, env=None):
   """Run main.py as a job, send `signum` to one process (or all) once step `step` is printed; statuses."""
-  job = Job(main_command(workdir, data_dir), processes, devices, cwd=ROOT, echo=False)
+  job = Job(main_command(workdir, data_dir), processes, devices, cwd=ROOT, echo=False, env=env)
   try:
     wait_for_step(job, step)
     job.signal(signum, process_id=process_id)
@@ -186,10 +193,12 @@ def test_kill_damage_preempt_and_move_hosts_then_end_bitwise_identical(tmp_path)
   3. resumed on 1 process x 4 devices, to the end."""
   data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
   reference = str(tmp_path / "reference")
-  job, codes = run_job(main_command(reference, data_dir), 2, 2)
+  env = compile_cache(tmp_path)
+  job, codes = run_job(main_command(reference, data_dir), 2, 2, env=env)
   assert codes == [0, 0], describe(job, codes)
 
-  job, codes = interrupted(workdir, data_dir, 2, 2, signal.SIGKILL, 17, process_id=1)  # past steps 5 and 10
+  # Past steps 5 and 10; without the shared compile cache, whose files a SIGKILL could leave half written.
+  job, codes = interrupted(workdir, data_dir, 2, 2, signal.SIGKILL, 17, process_id=1)
   assert codes[1] == -signal.SIGKILL and codes[0] != 0, describe(job, codes)
 
   ckpts = os.path.join(workdir, "checkpoints")
@@ -198,7 +207,7 @@ def test_kill_damage_preempt_and_move_hosts_then_end_bitwise_identical(tmp_path)
     for name in names:
       with open(os.path.join(root, name), "r+b") as f:
         f.truncate(max(os.path.getsize(f.name) // 3, 1))
-  job, codes = interrupted(workdir, data_dir, 2, 2, signal.SIGTERM, newest - 5 + 2, process_id=1)
+  job, codes = interrupted(workdir, data_dir, 2, 2, signal.SIGTERM, newest - 5 + 2, process_id=1, env=env)
   out = job.output(0)
   assert codes == [143, 143], describe(job, codes)
   assert f"resumed from step {newest - 5}" in out
@@ -209,7 +218,7 @@ def test_kill_damage_preempt_and_move_hosts_then_end_bitwise_identical(tmp_path)
   step = int(said[0].split()[3])
   assert newest - 5 < step < 30 and os.path.isdir(os.path.join(ckpts, str(step)))
 
-  job, codes = run_job(main_command(workdir, data_dir), 1, 4)
+  job, codes = run_job(main_command(workdir, data_dir), 1, 4, env=env)
   assert codes == [0], describe(job, codes)
   assert f"resumed from step {step}" in job.output(0)
   assert_bitwise(params_at(workdir), params_at(reference))
@@ -221,7 +230,8 @@ def test_sigterm_single_process_without_distributed(tmp_path):
   from tests.helpers import one_device_flags
 
   data_dir = str(tmp_path / "tfds")
-  env = dict(os.environ, XLA_FLAGS=one_device_flags(os.environ.get("XLA_FLAGS", "")), PYTHONUNBUFFERED="1")
+  env = dict(compile_cache(tmp_path), XLA_FLAGS=one_device_flags(os.environ.get("XLA_FLAGS", "")),
+             PYTHONUNBUFFERED="1")
   for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(k, None)
   run = lambda workdir: subprocess.Popen([sys.executable, *main_command(workdir, data_dir)], cwd=ROOT, env=env,

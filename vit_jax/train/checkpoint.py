@@ -59,6 +59,10 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict[str, Any], config: dict[str, Any]) -> None:
     """Start writing `step` (returns once the arrays are copied off the devices)."""
+    # The step that computed `state` may still be running; orbax's own device work (e.g. broadcasts when it
+    # lists steps) must not run beside that step's collectives, which across processes could then meet in
+    # a different order on each process.
+    jax.block_until_ready(state)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config)),
         force=True)

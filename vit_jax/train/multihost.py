@@ -128,10 +128,13 @@ def to_host(tree: Any) -> Any:
 
 
 def from_host(tree: Any, shardings: Any) -> Any:
-  """Place host arrays (the same values on every process) with `shardings`; each process puts only its shards."""
+  """Place host arrays (the same values on every process) with `shardings` (a tree like `tree`, or one
+  sharding for all); each process puts only its own shards."""
   def put(x, s):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(lambda x: put(x, shardings), tree)
   return jax.tree_util.tree_map(put, tree, shardings)
 
 
@@ -160,11 +163,18 @@ class PreemptionWatch:
     del signum, frame
     self._flag = True
 
-  def reached(self, step: int) -> bool:
-    """True (on every process together) when the run must save at `step` and stop."""
+  def reached(self, step: int, in_flight: Any = None) -> bool:
+    """True (on every process together) when the run must save at `step` and stop.
+
+    `in_flight`: arrays of the step still computing.  Without the sync service, several processes
+    compare their flags with a device collective, which must not run alongside that step's own
+    collectives (across processes they could meet in different orders): it waits for them first.
+    """
     if self._sync:
       from jax.experimental import multihost_utils
       return bool(multihost_utils.reached_preemption_sync_point(step))
+    if jax.process_count() > 1:
+      jax.block_until_ready(in_flight)
     return any_process(self._flag)
 
   def close(self) -> None:

@@ -203,8 +203,20 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = jax.jit(train_step, in_shardings=(state_sharding, replicated, batch_sharding),
                     out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-  eval_fn = jax.jit(lambda params, extra, batch: task.evaluate({"params": params, **extra}, batch),
-                    in_shardings=(params_sharding, state_sharding["extra"], batch_sharding), out_shardings=replicated)
+
+  def eval_step(params, extra, batch, sums):
+    """One evaluation batch added to the running sums; returns (sums, per-example outputs).
+
+    The sums chain the batches' programs: programs that do not depend on each other may run at the
+    same time, and across processes their collectives could then meet in a different order on each
+    process and hang.
+    """
+    out = task.evaluate({"params": params, **extra}, batch)
+    per_example = {k: out.pop(k) for k in list(out) if k.startswith("_")}
+    return jax.tree_util.tree_map(jnp.add, sums, out), per_example
+
+  eval_fn = jax.jit(eval_step, in_shardings=(params_sharding, state_sharding["extra"], batch_sharding, replicated),
+                    out_shardings=replicated, donate_argnums=(3,))
 
   # ---------------------------------------------------------------- evaluation
 
@@ -220,13 +232,16 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
     batches = input_pipeline.eval_batches(eval_source, config.data.pp_eval, eval_global_batch,
                                           rows=eval_placement.rows)
     for k, batch in enumerate(batches):
-      out = eval_fn(params, extra, eval_placement.put(batch))
-      per_example = {name: out.pop(name) for name in list(out) if name.startswith("_")}
+      batch = eval_placement.put(batch)
+      if sums is None:  # zeros shaped like the task's sums
+        shapes = jax.eval_shape(lambda p, e, b: task.evaluate({"params": p, **e}, b), params, extra, batch)
+        sums = multihost.from_host({name: np.zeros(v.shape, v.dtype) for name, v in shapes.items()
+                                    if not name.startswith("_")}, replicated)
+      sums, per_example = eval_fn(params, extra, batch, sums)
       if per_example:  # replicated outputs in global row order: keep the real examples (the first n rows)
         keep = np.arange(k * eval_global_batch, (k + 1) * eval_global_batch) < len(eval_source)
         for name, v in jax.device_get(per_example).items():
           arrays.setdefault(name, []).append(np.asarray(v)[keep])
-      sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     count = float(sums["count"])
     if count != len(eval_source):
@@ -271,7 +286,7 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
         tic, seen = toc, 0
         writer.write(step, m)
         progress.update(step, m)
-      preempted = preemption.reached(step)  # every process answers True at the same step
+      preempted = preemption.reached(step, in_flight=state)  # every process answers True at the same step
       if step % ckpt_every == 0 or step == total_steps or preempted:
         _check_finite(*pending)
         ckpt.save(step, state, data_state(step), saved_config)
