@@ -8,6 +8,7 @@ job of one), so both sides reduce across devices with the same collectives and a
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,7 +191,7 @@ def test_kill_damage_preempt_and_move_hosts_then_end_bitwise_identical(tmp_path)
   1. 2 x 2: SIGKILL of process 1 mid-run (process 0, stuck in a collective, is killed by the launcher);
   2. the newest checkpoint is damaged; 2 x 2 restarted: all processes give that step up, process 0 alone
      moves it aside, both resume from the step before; then SIGTERM to process 1 only: both save at one step;
-  3. resumed on 1 process x 4 devices, to the end."""
+  3. resumed to the end on 2 processes x 2 devices, and (from a copy) on 1 process x 4 devices."""
   data_dir, workdir = str(tmp_path / "tfds"), str(tmp_path / "run")
   reference = str(tmp_path / "reference")
   env = compile_cache(tmp_path)
@@ -218,10 +219,14 @@ def test_kill_damage_preempt_and_move_hosts_then_end_bitwise_identical(tmp_path)
   step = int(said[0].split()[3])
   assert newest - 5 < step < 30 and os.path.isdir(os.path.join(ckpts, str(step)))
 
-  job, codes = run_job(main_command(workdir, data_dir), 1, 4, env=env)
-  assert codes == [0], describe(job, codes)
-  assert f"resumed from step {step}" in job.output(0)
-  assert_bitwise(params_at(workdir), params_at(reference))
+  # From that preemption checkpoint: on 2 processes again, and (a copy) on 1 process x 4 devices.
+  moved = str(tmp_path / "moved")
+  shutil.copytree(workdir, moved)
+  for where, processes, devices in ((workdir, 2, 2), (moved, 1, 4)):
+    job, codes = run_job(main_command(where, data_dir), processes, devices, env=env)
+    assert codes == [0] * processes, describe(job, codes)
+    assert f"resumed from step {step}" in job.output(0)
+    assert_bitwise(params_at(where), params_at(reference))
 
 
 def test_sigterm_single_process_without_distributed(tmp_path):
