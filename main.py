@@ -57,22 +57,20 @@ def main(argv):
   sys.path.insert(0, ROOT)
   if not flags.FLAGS["verbosity"].present:  # library INFO chatter off; the progress line is printed
     logging.set_verbosity(logging.WARNING)
-  from vit_jax import runtime
+  from vit_jax import cli, runtime
   runtime.tune_xla_cpu()
-  from vit_jax.interop.tree import CheckpointError
   from vit_jax.train import multihost, trainer
 
   try:
     multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value)
   except ValueError as e:
-    sys.exit(f"error: {e}")
+    sys.exit(cli.fail(e))
   try:
     final = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except trainer.Preempted:
     sys.exit(PREEMPTED_EXIT_CODE)  # the trainer printed what it saved
-  except (ValueError, FileNotFoundError, CheckpointError, trainer.NonFiniteLossError) as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
+  except (*cli.INPUT_ERRORS, trainer.NonFiniteLossError) as e:
+    sys.exit(cli.fail(e))
   if final:  # the last line: what a script or a reader looks for
     print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()) + f" (workdir {_WORKDIR.value})")
 

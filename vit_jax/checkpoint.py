@@ -5,6 +5,7 @@ Layout (an orbax `CheckpointManager` root, one sub-directory per step):
     DIR/<step>/params/   the parameter tree (orbax StandardSave)
     DIR/<step>/state/    or a whole train state whose "params" entry is the tree
     DIR/<step>/config/   JSON: {"model": VisionTransformer settings, "image_size": [h, w], ...}
+    DIR/<step>/checksums/  JSON: two 32-bit sums per array (`vit_jax.checksum`), verified by `load`
 
 orbax writes each step to a temporary directory and renames it when complete,
 so a crash or a kill mid-save never touches the last good step.  `load`
@@ -61,9 +62,12 @@ def save(directory: str | os.PathLike, params: Mapping[str, Any], *, config: Map
   config = dict(config)
   if "model" in config:
     config["model"] = settings_to_json(config["model"])
+  from vit_jax import checksum
+
   with ocp.CheckpointManager(directory) as manager:
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                               config=ocp.args.JsonSave(config)))
+                                               config=ocp.args.JsonSave(config),
+                                               checksums=ocp.args.JsonSave(checksum.tree_checksums(params))))
     manager.wait_until_finished()
   return os.fspath(directory / str(step))
 
@@ -106,6 +110,7 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
   if item is None:
     raise CheckpointError(f"{step_dir!r} has neither params/ nor state/: not a vit_jax checkpoint.")
   has_config = (epath.Path(step_dir) / "config").is_dir()
+  has_sums = (epath.Path(step_dir) / "checksums").is_dir()
   try:
     # Every array as whole host numpy, whatever mesh and number of processes wrote it (orbax would
     # otherwise try to rebuild the saved sharding, whose devices need not exist here).
@@ -120,11 +125,20 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
     args = {item: ocp.args.PyTreeRestore(restore_args=as_numpy)}
     if has_config:
       args["config"] = ocp.args.JsonRestore()
+    if has_sums:
+      args["checksums"] = ocp.args.JsonRestore()
     restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(epath.Path(step_dir),
                                                                          args=ocp.args.Composite(**args))
   except Exception as e:  # orbax raises many types for damaged files
     raise CheckpointError(f"Cannot restore {step_dir!r} ({type(e).__name__}: {e}): the checkpoint is "
                           "incomplete or corrupt; use an earlier step.") from None
+  if has_sums:
+    from vit_jax import checksum
+
+    bad = checksum.mismatches(restored["checksums"] or {}, restored[item])
+    if bad:
+      raise CheckpointError(f"{step_dir!r} is damaged: {len(bad)} array(s) do not match their checksums "
+                            f"({', '.join(bad[:3])}); use an earlier step.")
   variables = {"params": restored[item]}
   if item == "state":
     if "params" not in restored[item]:

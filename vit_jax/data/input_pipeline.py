@@ -90,7 +90,10 @@ def get_source(name: str, split: str, data_dir: str | None = None,
     from vit_jax.data import digits
     digits.prepare(data_dir)
     name = digits.NAME
-  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f"Unknown dataset {name!r}: {_close_names(name)}") from None
   try:
     data = builder.as_data_source(split=split)  # never downloads (tfds.data_source would try)
   except Exception as e:  # not prepared, unknown split, unreadable files: say which and how to fix
@@ -103,6 +106,18 @@ def get_source(name: str, split: str, data_dir: str | None = None,
         f"tfds.builder({name!r}).download_and_prepare(file_format='array_record') and copy the directory, or "
         "set config.data.data_dir.") from None
   return Source(data, builder.info.features["label"].num_classes, name)
+
+
+def _close_names(name: str) -> str:
+  import difflib
+
+  import tensorflow_datasets as tfds
+
+  known = ["digits", *tfds.core.registered.list_imported_builders()]
+  close = difflib.get_close_matches(name.split(":")[0].lower(), known, n=5, cutoff=0.6)
+  hint = f"did you mean {', '.join(close)}? " if close else ""
+  return (f"{hint}Give a TFDS name prepared in config.data.data_dir, digits, folder:/path/to/images, "
+          "en_fr_generated or pairs:/path/to/pairs.txt.")
 
 
 class _Preprocess(grain.RandomMapTransform):

@@ -3,7 +3,11 @@
 `WORKDIR/metrics.jsonl` gets one object per event, `{"step": 100, "train/loss": ...}`,
 with names `train/loss`, `train/lr`, `train/grad_norm`, `eval/accuracy`,
 `eval/loss`, `perf/img_per_sec`, ...; TensorBoard event files go to
-`WORKDIR/tensorboard/`.  Only process 0 writes.  The work directory is an
+`WORKDIR/tensorboard/`.  Only process 0 writes.
+
+A resumed run keeps one history: `metrics.jsonl` loses its lines after the step it
+resumes from (rewritten atomically), and the new TensorBoard event file starts with
+a purge marker at that step, so TensorBoard drops the old events that follow it.  The work directory is an
 `etils.epath` path: on an object store (`gs://...`), where files cannot be
 appended to, each write replaces the whole (small) JSON lines file, and the
 TensorBoard events are written through epath too.
@@ -47,7 +51,7 @@ class _EpathWriterFactory:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
-def _tensorboard(directory: epath.Path):
+def _tensorboard(directory: epath.Path, purge_step: int | None = None):
   try:
     from tensorboardX import SummaryWriter
     from tensorboardX import record_writer
@@ -55,23 +59,27 @@ def _tensorboard(directory: epath.Path):
     return None
   if not is_local(directory):  # route this URI scheme through epath (fsspec), not tensorboardX's own clients
     record_writer.register_writer_factory(str(directory).split("://")[0], _EpathWriterFactory())
-  return SummaryWriter(str(directory))
+  return SummaryWriter(str(directory), purge_step=purge_step)
 
 
 class MetricWriter:
 
-  def __init__(self, workdir, *, enabled: bool = True):
+  def __init__(self, workdir, *, enabled: bool = True, resume_step: int = 0):
+    """`resume_step`: the step the run starts from; recorded metrics after it are dropped."""
     self.enabled = enabled
     self._tb = None
     if enabled:
       workdir = epath.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
       self._path = workdir / "metrics.jsonl"
+      kept = _lines_up_to(self._path.read_text(), resume_step) if self._path.exists() else []
+      if self._path.exists() and "".join(kept) != self._path.read_text():
+        write_atomic(self._path, "".join(kept))
       if is_local(workdir):
         self._jsonl, self._lines = self._path.open("a"), None
       else:
-        self._jsonl, self._lines = None, [self._path.read_text()] if self._path.exists() else []
-      self._tb = _tensorboard(workdir / "tensorboard")
+        self._jsonl, self._lines = None, kept
+      self._tb = _tensorboard(workdir / "tensorboard", purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -95,6 +103,19 @@ class MetricWriter:
         self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
+
+
+def _lines_up_to(text: str, step: int) -> list[str]:
+  """The complete JSON lines of `text` whose step is at most `step` (a torn last line is dropped too)."""
+  kept = []
+  for line in text.splitlines(keepends=True):
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if line.endswith("\n") and isinstance(record, dict) and int(record.get("step", 0)) <= step:
+      kept.append(line)
+  return kept
 
 
 class Progress:

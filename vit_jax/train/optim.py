@@ -37,7 +37,7 @@ DEFAULT_WD_MULTS = ((r"/kernel$|^embedding/kernel$", 1.0),)
 
 
 def to_steps(config: Mapping[str, Any], name: str, *, steps_per_epoch: float, batch_size: int,
-             default: int | None = None) -> int:
+             default: int | None = None, minimum: int = 1) -> int:
   """`name_steps`, `name_epochs` or `name_examples` from `config`, in steps (exactly one may be set)."""
   given = {unit: config.get(f"{name}_{unit}") for unit in ("steps", "epochs", "examples")}
   given = {u: v for u, v in given.items() if v is not None}
@@ -49,10 +49,15 @@ def to_steps(config: Mapping[str, Any], name: str, *, steps_per_epoch: float, ba
     return default
   unit, value = next(iter(given.items()))
   if unit == "steps":
-    return int(value)
-  if unit == "epochs":
-    return int(round(value * steps_per_epoch))
-  return int(round(value / batch_size))
+    steps = int(value)
+  elif unit == "epochs":
+    steps = int(round(value * steps_per_epoch))
+  else:
+    steps = int(round(value / batch_size))
+  if steps < minimum:
+    raise ValueError(f"config.{name}_{unit}={value} gives {steps} steps: it must give at least {minimum} "
+                     f"({steps_per_epoch:g} steps per epoch at batch size {batch_size}).")
+  return steps
 
 
 def schedule(lr: float, total_steps: int, warmup_steps: int = 0, decay: str = "cosine", min_lr: float = 0.0,
@@ -157,7 +162,8 @@ def build(config: Mapping[str, Any], params: Mapping[str, Any], *, total_steps: 
     raise ValueError(f"Unknown optimizer {name!r}: choose one of {OPTIMIZERS}.")
   base_lr = float(config["lr"]) * (batch_size / 256 if config.get("scale_lr_by_batch") else 1.0)
   sched_cfg = dict(config.get("schedule") or {})
-  warmup = to_steps(sched_cfg, "warmup", steps_per_epoch=steps_per_epoch, batch_size=batch_size, default=0)
+  warmup = to_steps(sched_cfg, "warmup", steps_per_epoch=steps_per_epoch, batch_size=batch_size, default=0,
+                    minimum=0)
   lr_fn = schedule(base_lr, total_steps, warmup, sched_cfg.get("decay", "cosine"),
                    float(sched_cfg.get("min_lr", 0.0)), int(sched_cfg.get("timescale", 10_000)))
   lr_mults, wd_mults, labels = multipliers(params, config)

@@ -7,6 +7,7 @@ of devices and hosts; only `config.mesh` and the launch command change.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -55,20 +56,70 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
   Raises `Preempted` after saving when a preemption notice (SIGTERM) arrives.
   """
   workdir = files.path(workdir)  # `gs://...` stays a URI for orbax and the writers
+  # Everything that can be checked without data is checked before anything is written.
+  validate(config)
+  files.check_writable_directory(workdir, "--workdir")
 
   # ---------------------------------------------------------------- mesh
   n = config.get("num_devices")
   if n and jax.process_count() > 1:
     raise ValueError(f"config.num_devices={n} picks devices of one process; with {jax.process_count()} processes "
                      "leave it unset and size the mesh with config.mesh.")
+  if n and n > jax.device_count():
+    raise ValueError(f"config.num_devices={n} but only {jax.device_count()} devices are visible: lower it.")
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:n] if n else None, dcn=config.get("mesh_dcn"))
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    files.write_atomic(workdir / "config.json", json.dumps(_config_dict(config), indent=2, default=str))
   logging.info("Mesh %s over %d devices, %d process(es).", dict(mesh.shape), mesh.size, jax.process_count())
   # Everything below traces under this mesh and maps the activations' logical axis names onto it.
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
     return _train(config, workdir, mesh)
+
+
+def _positive_int(config, key: str, *, optional: bool = False) -> None:
+  value = config.get(key)
+  if optional and value in (None, 0):
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"config.{key}={value!r} must be a positive integer"
+                     f"{' (or unset)' if optional else ''}.")
+
+
+def validate(config) -> None:
+  """Settings checked before anything is written; each failure names the key and the fix."""
+  _positive_int(config, "batch_size")
+  _positive_int(config, "eval_batch_size", optional=True)
+  _positive_int(config, "accumulate", optional=True)
+  keep = config.get("keep_checkpoints")
+  if isinstance(keep, int) and keep < 1:
+    raise ValueError(f"config.keep_checkpoints={config.get('keep_checkpoints')!r} would keep no checkpoint: set it "
+                     "to 1 or more (config.keep_every_steps keeps more).")
+  _positive_int(config, "keep_checkpoints")
+  _positive_int(config, "keep_every_steps", optional=True)
+  if not isinstance(config.get("seed", 0), int):
+    raise ValueError(f"config.seed={config.get('seed')!r} must be an integer.")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, Mapping):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], limit: int = 8) -> list[str]:
+  """`["optim.clip_norm: 1.0 -> 0.0", ...]` between two config dicts (as written to config.json)."""
+  old, new = _flat(saved), _flat(current)
+  out = [f"{k}: {json.dumps(old.get(k, '<unset>'))} -> {json.dumps(new.get(k, '<unset>'))}"
+         for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
+  return out if len(out) <= limit else out[:limit] + [f"and {len(out) - limit} more"]
+
+
+def _read_json(path: epath.Path) -> dict[str, Any] | None:
+  try:
+    return json.loads(path.read_text()) if path.exists() else None
+  except (OSError, ValueError):
+    return None
 
 
 def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
@@ -144,7 +195,10 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
   ckpt = train_checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, keep_every=config.get("keep_every_steps"))
   saved_config = {"task": config.get("task", "classification"), "model": settings_to_json(task.settings)}
   saved_config.update(task.saved_config() if hasattr(task, "saved_config") else {"image_size": [h, w]})
-  restored = ckpt.restore_latest(abstract_state)
+  run_config = json.loads(json.dumps(_config_dict(config), default=str))  # as config.json holds it
+  previous = _read_json(workdir / "config.json")
+  changes = config_changes(previous, run_config) if previous is not None else []
+  restored = ckpt.restore_latest(abstract_state, changes=", ".join(changes))
   if restored is not None:
     first_step, state, data_state = restored
     saved_batch = data_state.get("batch_size", global_batch)
@@ -154,12 +208,23 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
                        "with config.init.path pointing at the checkpoint.")
     if is_main:
       print(f"resumed from step {first_step} in {ckpt.directory}", flush=True)
+      if changes:
+        print("config changes since the saved run: " + "; ".join(changes), flush=True)
   else:
     first_step = 0
     state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
     if config.init.get("path"):
       state = _load_init(config, state, state_sharding)
   train_iter = iter(make_train_data(first_step))  # global batch j is the data of step j + 1
+  if first_step < total_steps:  # the first batch's shapes, checked before anything is written
+    first_batch = next(train_iter)
+    if h is None:
+      _check_arrays(first_batch, {k: local_batch for k in dummy})  # lengths vary (length buckets)
+    else:
+      _check_batch(first_batch, (local_batch, h, w, channels))
+    train_iter = itertools.chain([first_batch], train_iter)
+  if is_main:  # only now: a run that fails to start leaves the previous run's config.json in place
+    files.write_atomic(workdir / "config.json", json.dumps(run_config, indent=2))
 
   # ---------------------------------------------------------------- update step
 
@@ -252,7 +317,7 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
     return {f"{prefix}/{k}": v for k, v in sorted(metrics.items())}
 
   # ---------------------------------------------------------------- loop
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=first_step)
   progress = metrics_lib.Progress(total_steps, first_step, enabled=is_main)
   log_every = optim.to_steps(config, "log", steps_per_epoch=steps_per_epoch, batch_size=global_batch, default=50)
   eval_every = optim.to_steps(config, "eval", steps_per_epoch=steps_per_epoch, batch_size=global_batch,
@@ -261,18 +326,11 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
                               default=total_steps)
   final: dict[str, float] = {}
   pending, tic, seen = None, time.perf_counter(), 0
-  checked_shape = False
   data_state = lambda step: {"batches": step, "batch_size": global_batch, "seed": int(config.seed)}
   preemption = multihost.PreemptionWatch()
   try:
     for step in range(first_step + 1, total_steps + 1):
       batch = next(train_iter)
-      if not checked_shape:
-        if h is None:
-          _check_arrays(batch, {k: local_batch for k in dummy})  # lengths vary (length buckets)
-        else:
-          _check_batch(batch, (local_batch, h, w, channels))
-        checked_shape = True
       state, m = step_fn(state, constants, placement.put(batch))
       seen += global_batch
       if pending is not None:  # check the previous step's loss while this one runs
