@@ -87,7 +87,7 @@ def test_command_line_entry_point(tmp_path):
     (["--config", "widht=48"], r"closest valid names: \{'widht': \['width'\]\}"),
     (["--config", "pool_type=gap"], "unexpected in the checkpoint"),
     (["--image_size", "32,44"], "is not divisible by the patch size"),
-    (["--image_size", "40,48"], r"pos_embedding: \(1, 25, 48\) vs \(1, 31, 48\)\nFix .* --image_size"),
+    (["--image_size", "40,48"], r"pos_embedding: \(1, 25, 48\) vs \(1, 31, 48\); Fix .* --image_size"),
 ])
 def test_wrong_settings_fail_before_writing(tmp_path, capsys, args, match):
   _, _, work = native(tmp_path)

@@ -29,6 +29,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+from vit_jax.checkpoint import CHECKPOINTS_SUBDIR
+
 FORMATS = ("vit_jax_npz", "big_vision_npz", "timm", "hf", "orbax")
 
 
@@ -79,7 +81,12 @@ def _split(spec: str) -> list[str]:
 def _image_size(value: str | None):
   if not value:
     return None
-  parts = [int(v) for v in value.replace("x", ",").split(",")]
+  try:
+    parts = [int(v) for v in value.replace("x", ",").split(",")]
+  except ValueError:
+    raise ValueError(f"--image_size {value!r} is not H or H,W in pixels (e.g. 224 or 384,192).") from None
+  if len(parts) > 2 or min(parts) < 1:
+    raise ValueError(f"--image_size {value!r} is not H or H,W in pixels (e.g. 224 or 384,192).")
   return (parts[0], parts[0]) if len(parts) == 1 else tuple(parts)
 
 
@@ -102,13 +109,36 @@ def check_against_model(params, settings, grid) -> None:
                              f"{diff.describe()}\nFix the settings with --config (the image size with --image_size).")
 
 
+def _within(inner: str, outer: str) -> bool:
+  return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def check_output(input_path: str, output: str, *, overwrite: bool = False) -> None:
+  """Refuse an output that is, holds or lies inside the input (or its work directory), or that exists."""
+  from vit_jax import files
+
+  resolve = lambda p: os.path.realpath(p) if files.is_local(p) else os.fspath(files.path(p))
+  source, target = resolve(input_path), resolve(output)
+  workdir = source.split(f"/{CHECKPOINTS_SUBDIR}/")[0] if f"/{CHECKPOINTS_SUBDIR}/" in source + "/" else source
+  if _within(target, source) or _within(source, target) or _within(target, workdir):
+    raise ValueError(f"--output {output} would write onto the input {input_path}: choose an output outside it.")
+  if files.path(output).exists() and not overwrite:
+    raise ValueError(f"--output {output} already exists: choose another path, or pass --overwrite to replace it.")
+
+
 def convert(input_path: str, to: str, output: str, *, config: dict[str, Any] | None = None,
-            image_size=None, scan: bool = False, labels: Sequence[str] | None = None) -> str:
-  """Convert `input_path` to format `to` at `output`; returns a one-line summary."""
-  from vit_jax.interop import common, hf_export, load, npz, timm_export
+            image_size=None, scan: bool = False, labels: Sequence[str] | None = None,
+            overwrite: bool = False) -> str:
+  """Convert `input_path` to format `to` at `output`; returns a one-line summary.
+
+  The output is written whole or not at all (files and folders under a temporary name, then
+  renamed); an existing output is an error unless `overwrite`.
+  """
+  from vit_jax.interop import common, load, npz
 
   if to not in FORMATS:
     raise ValueError(f"Unknown target format {to!r}: choose one of {FORMATS}.")
+  check_output(input_path, output, overwrite=overwrite)
   params, saved = load.load_params(input_path)
   settings = common.model_settings(dict(saved.get("model", {}), **(config or {})))
   if image_size is None and saved.get("image_size"):
@@ -117,34 +147,50 @@ def convert(input_path: str, to: str, output: str, *, config: dict[str, Any] | N
   grid = common.grid_of(settings, image_size) if image_size else common.patch_grid(params, settings)
   check_against_model(params, dict(settings, scan=False), grid)
 
-  if to == "vit_jax_npz":
-    npz.save_npz(output, params, layout="vit_jax", settings=settings, image_size=image_size)
-    how = f"timm: model.load_pretrained({output!r}); vit_jax: load_pretrained({output!r}, init_params)"
-  elif to == "big_vision_npz":
-    npz.save_npz(output, params, layout="big_vision", scan=scan, settings=settings, image_size=image_size)
-    how = f"vit_jax: load_pretrained({output!r}, init_params)"
-  elif to == "timm":
-    timm_export.save(params, settings, output, image_size=image_size)
-    how = f"timm.create_model('local-dir:{output}', pretrained=True)"
-  elif to == "hf":
-    hf_export.save(params, settings, output, image_size=image_size, labels=labels)
-    _, cls, _ = hf_export.architecture(settings)
-    extra = ", add_pooling_layer=False" if cls == "ViTModel" and not settings["representation_size"] else ""
-    how = f"transformers.{cls}.from_pretrained({output!r}{extra})"
+  if to in ("vit_jax_npz", "big_vision_npz"):  # one file, written atomically
+    layout = to[:-len("_npz")]
+    npz.save_npz(output, params, layout=layout, scan=scan and layout == "big_vision", settings=settings,
+                 image_size=image_size)
+    how = (f"timm: model.load_pretrained({output!r}); " if layout == "vit_jax" else "") + \
+        f"vit_jax: load_pretrained({output!r}, init_params)"
   else:
+    how = _write_folder(to, output, params, settings, grid, input_path=input_path, image_size=image_size,
+                        scan=scan, labels=labels, overwrite=overwrite)
+  return f"wrote {to} to {output}; load it with {how}"
+
+
+def _write_folder(to, output, params, settings, grid, *, input_path, image_size, scan, labels, overwrite) -> str:
+  """A folder format, built under a temporary name beside `output` and renamed (object stores: in place)."""
+  import contextlib
+
+  from vit_jax import files
+  from vit_jax.interop import common, hf_export, timm_export
+
+  building = files.atomic_directory(output, overwrite=overwrite) if files.is_local(output) \
+      else contextlib.nullcontext(output)
+  with building as out:
+    if to == "timm":
+      timm_export.save(params, settings, out, image_size=image_size)
+      return f"timm.create_model('local-dir:{output}', pretrained=True)"
+    if to == "hf":
+      hf_export.save(params, settings, out, image_size=image_size, labels=labels)
+      _, cls, _ = hf_export.architecture(settings)
+      extra = ", add_pooling_layer=False" if cls == "ViTModel" and not settings["representation_size"] else ""
+      return f"transformers.{cls}.from_pretrained({output!r}{extra})"
     from vit_jax import checkpoint
     from vit_jax.checkpoint import settings_to_json
     ph, pw = settings["patch_size"]
     tree = common.scanned(params) if scan else params
-    checkpoint.save(output, tree, config={"model": settings_to_json(dict(settings, scan=scan)),
-                                          "image_size": [grid[0] * ph, grid[1] * pw], "source": input_path})
-    how = f"vit_jax.checkpoint.load({output!r})"
-  return f"wrote {to} to {output}; load it with {how}"
+    checkpoint.save(out, tree, config={"model": settings_to_json(dict(settings, scan=scan)),
+                                       "image_size": [grid[0] * ph, grid[1] * pw], "source": input_path})
+    return f"vit_jax.checkpoint.load({output!r})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m vit_jax.interop.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  from vit_jax import cli
+
+  parser = cli.ArgumentParser(prog="python -m vit_jax.interop.convert", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--input", required=True, help="native checkpoint directory or .npz file")
   parser.add_argument("--to", required=True, choices=FORMATS)
   parser.add_argument("--output", required=True, help="output file (.npz) or directory")
@@ -152,20 +198,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--image_size", help="H or H,W: needed for non-square grids without a saved config")
   parser.add_argument("--scan", action="store_true", help="stack the blocks (big_vision_npz, orbax)")
   parser.add_argument("--labels", help="text file with one class name per line (hf id2label)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
   args = parser.parse_args(argv)
 
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; never grab an accelerator
-  from vit_jax.interop.tree import CheckpointError, ParamMismatchError
   try:
     labels = None
     if args.labels:
       with open(args.labels) as f:
         labels = [line.strip() for line in f if line.strip()]
     print(convert(args.input, args.to, args.output, config=parse_config(args.config),
-                  image_size=_image_size(args.image_size), scan=args.scan, labels=labels))
-  except (CheckpointError, ParamMismatchError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+                  image_size=_image_size(args.image_size), scan=args.scan, labels=labels, overwrite=args.overwrite))
+  except cli.INPUT_ERRORS as e:
+    return cli.fail(e, 2)
   return 0
 
 
