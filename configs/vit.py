@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
   c.data.repeated_augmentation = 1  # DeiT's repeated augmentation: 3
   c.data.score_maps = ""  # token labeling: a directory written by `python -m vit_jax.data.score_maps`
+  c.data.skip_unreadable = False  # image folders: skip files that cannot be decoded (with a warning)
   durations(c, "total", "log", "eval", "checkpoint")
   c.mesh = (("data", -1),)  # tuples, so that --config.mesh="(('fsdp', -1),)" can override them
   # How mesh axes split across hosts, e.g. (("data", 2),): see vit_jax.train.sharding.make_mesh.

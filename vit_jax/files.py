@@ -111,3 +111,51 @@ def check_writable_directory(p, what: str) -> None:
   except OSError as e:
     raise ValueError(f"{what} {p} is not writable ({existing}: {e.strerror}): choose a directory you can "
                      "write to.") from None
+
+
+def _resolved(p) -> str:
+  return os.path.realpath(os.fspath(p)) if is_local(p) else os.fspath(path(p))
+
+
+def _within(inner: str, outer: str) -> bool:
+  return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def check_output(output, source, *, overwrite: bool = False, what: str = "--output",
+                 beside: bool = False) -> None:
+  """Refuse an `output` that would write onto `source` (a checkpoint, .npz or work directory), and an
+  existing `output` unless `overwrite`.  One-line ValueErrors.
+
+  Onto means: the same path, or a folder that holds it; and, unless `beside` (a picture or report
+  saved next to a run), anything inside it or inside the work directory that holds it.  Even
+  `beside` outputs never go into `checkpoints/` or onto the run's own files.
+  """
+  from vit_jax.checkpoint import CHECKPOINTS_SUBDIR
+
+  src, out = _resolved(source), _resolved(output)
+  marker = f"/{CHECKPOINTS_SUBDIR}/"
+  workdir = (src + "/").split(marker)[0].rstrip("/") if marker in src + "/" else src
+  run_files = [os.path.join(workdir, n) for n in (CHECKPOINTS_SUBDIR, "config.json", "metrics.jsonl", "tensorboard")]
+  onto = _within(src, out) or any(_within(out, f) for f in run_files)
+  if not beside:
+    onto = onto or _within(out, src) or _within(out, workdir)
+  if onto:
+    raise ValueError(f"{what} {output} would write onto the input {source}: choose a path outside it.")
+  if not overwrite and path(output).exists():
+    raise ValueError(f"{what} {output} already exists: choose another path, or pass --overwrite to replace it.")
+  if beside and path(output).is_dir():
+    raise ValueError(f"{what} {output} is a directory: give a file name.")
+
+
+def write_png(target, image) -> epath.Path:
+  """A PIL image or a uint8 array as a PNG file, written atomically."""
+  import io
+
+  import numpy as np
+  from PIL import Image
+
+  if not isinstance(image, Image.Image):
+    image = Image.fromarray(np.asarray(image))
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  return write_atomic(target, buffer.getvalue())

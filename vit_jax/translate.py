@@ -14,7 +14,9 @@ exact match, corpus BLEU and chrF on the held-out pairs, overall and by source l
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import math
 import os
 import sys
 from typing import Any, Sequence
@@ -38,6 +40,7 @@ class Translator:
     self.source_vocab = text.Vocab(tuple(saved["source_vocab"]["tokens"]), saved["source_vocab"]["level"])
     self.target_vocab = text.Vocab(tuple(saved["target_vocab"]["tokens"]), saved["target_vocab"]["level"])
     self.target_len = int(saved["target_len"])
+    self.source_len = int(saved.get("source_len") or 0)  # the longest source seen in training
     self.model = Seq2Seq(**saved["model"])
     self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
     self._fns: dict[tuple, Any] = {}
@@ -80,6 +83,26 @@ class Translator:
           length = int(np.sum(tokens[row] != 0))
           weights.append(w[row, :length, :len(self.source_vocab.split(chunk[row]))])
     return (out, weights) if return_weights else out
+
+
+  def check_inputs(self, sentences: Sequence[str]) -> list[str]:
+    """Warnings about `sentences` (unknown tokens, lengths past training); an error past the model's limit."""
+    index, unknown, warnings = self.source_vocab.index, collections.Counter(), []
+    limit = self.model.max_len if self.model.kind == "transformer" else None
+    for n, s in enumerate(sentences, 1):
+      tokens = self.source_vocab.split(s)
+      unknown.update(t for t in tokens if t not in index)
+      if limit is not None and len(tokens) > limit:
+        raise ValueError(f"input line {n} is {len(tokens)} tokens, more than this model's limit of {limit} "
+                         "(max_len): split it into shorter sentences.")
+      if self.source_len and len(tokens) > self.source_len:
+        warnings.append(f"input line {n} is {len(tokens)} tokens, longer than the {self.source_len} the model was "
+                        "trained on: expect a poor translation")
+    if unknown:
+      shown = ", ".join(repr(t) for t, _ in unknown.most_common(8))
+      warnings.append(f"{sum(unknown.values())} token(s) outside the model's vocabulary were read as unknown: "
+                      f"{shown}")
+    return warnings
 
 
 def length_buckets(pairs: Sequence[text.Pair], parts: int = 3) -> list[tuple[str, list[int]]]:
@@ -129,8 +152,9 @@ def heatmap_png(weights: np.ndarray, source: str, target: str, path: str, cell: 
     draw.text((margin + c * cell + 3, 1), ch, fill="black")
   for r, ch in enumerate((list(target) + ["<end>"])[:rows]):
     draw.text((2, margin + r * cell), ch if ch != "<end>" else "$", fill="black")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  img.save(path)
+  from vit_jax import files
+
+  files.write_png(path, img)
   return path
 
 
@@ -141,17 +165,36 @@ def _format(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def _positive(type_, name: str, *, zero: bool = False):
+  def parse(text: str):
+    try:
+      value = type_(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{name} must be a number, not {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+      raise argparse.ArgumentTypeError(f"{name} must be {'>= 0' if zero else 'positive'}, not {text}")
+    return value
+  return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  from vit_jax import cli
+
+  parser = cli.ArgumentParser(prog="python -m vit_jax.translate", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="a seq2seq training directory (or a checkpoint step)")
-  parser.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
-  parser.add_argument("--alpha", type=float, default=0.6, help="length penalty exponent of beam search")
-  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--beam", type=_positive(int, "--beam"), default=1, help="beam size (1: greedy)")
+  parser.add_argument("--alpha", type=_positive(float, "--alpha", zero=True), default=0.6,
+                      help="length penalty exponent of beam search")
+  parser.add_argument("--batch_size", type=_positive(int, "--batch_size"), default=64)
   parser.add_argument("--evaluate", action="store_true", help="score the held-out split instead of reading stdin")
   parser.add_argument("--json", help="with --evaluate: also write the scores here")
   parser.add_argument("--plot", help="write the first sentence's attention heat map to this PNG")
   args = parser.parse_args(argv)
   try:
+    from vit_jax import files
+    for out in (args.json, args.plot):
+      if out:
+        files.check_output(out, args.workdir, overwrite=True, what="output", beside=True)
     translator = Translator(args.workdir)
     if args.evaluate:
       with open(os.path.join(args.workdir, "config.json")) as f:
@@ -165,22 +208,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{'greedy' if args.beam == 1 else f'beam {args.beam}, alpha {args.alpha}'}")
       print(_format(result))
       if args.json:
-        with open(args.json, "w") as f:
-          json.dump(result, f, indent=2)
+        files.write_atomic(args.json, json.dumps(result, indent=2))
       return 0
-    sentences = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not sentences:
-      return 0
+    lines = [line.rstrip("\r\n") for line in sys.stdin]
+    sentences = [line for line in lines if line.strip()]  # blank lines stay blank in the output
+    for warning in translator.check_inputs(sentences):
+      print(f"warning: {warning}", file=sys.stderr)
     out = translator.translate(sentences, beam=args.beam, alpha=args.alpha, batch_size=args.batch_size,
-                               return_weights=bool(args.plot))
-    if args.plot:
+                               return_weights=bool(args.plot)) if sentences else []
+    if args.plot and sentences:
       out, weights = out
       heatmap_png(weights[0], sentences[0], out[0], args.plot)
-    for line in out:
-      print(line)
-  except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    translations = iter(out)
+    for line in lines:
+      print(next(translations) if line.strip() else "")
+  except (*cli.INPUT_ERRORS, checkpoint.CheckpointError) as e:
+    return cli.fail(e)
   return 0
 
 

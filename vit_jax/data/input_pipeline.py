@@ -22,6 +22,7 @@ Evaluation never drops an example: the last batch is padded and carries a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Iterator
 
@@ -45,31 +46,84 @@ class Source:
 
 
 class ImageFolder:
-  """`root/<class>/*.jpg` as a random-access source; classes are the sorted sub-directory names."""
+  """`root/<class>/*.jpg` as a random-access source of decoded HWC uint8 images.
 
-  def __init__(self, root: str, classes: list[str] | None = None):
+  `classes` (default: the sorted sub-directory names) give the labels.  Every image is decoded
+  to `channels` (1 or 3; default: 1 for grey files, 3 for the rest), so grey, RGB, RGBA, palette
+  and 16-bit files can share a folder.  A file that cannot be decoded is an error naming it, or,
+  with `skip_unreadable`, is replaced by the next readable file with a warning.
+  """
+
+  def __init__(self, root: str, classes: list[str] | None = None, *, channels: int | None = None,
+               skip_unreadable: bool = False):
     if not os.path.isdir(root):
       raise FileNotFoundError(f"No image folder at {root!r}: expected {root}/<class>/*.jpg.")
-    self.classes = classes or sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    self.classes = classes or _class_folders(root)
+    self.channels, self.skip_unreadable = channels, skip_unreadable
     self.files = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
+                  if os.path.isdir(os.path.join(root, c))
                   for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not self.files:
       raise FileNotFoundError(f"No {'/'.join(IMAGE_EXTENSIONS)} images under {root!r}/<class>/.")
+    self._warned: set[str] = set()
 
   def __len__(self) -> int:
     return len(self.files)
 
-  def __getitem__(self, i: int) -> dict[str, Any]:
+  def _read(self, i: int) -> dict[str, Any]:
     path, label = self.files[i]
-    with open(path, "rb") as f:
-      return {"image": f.read(), "label": label}
+    try:
+      with open(path, "rb") as f:
+        return {"image": preprocess.decode_image(f.read(), self.channels), "label": label}
+    except Exception as e:  # PIL raises many types for bad files
+      raise UnreadableImageError(f"Cannot read image {path} ({type(e).__name__}: {e}): remove or replace it, or "
+                                 "set config.data.skip_unreadable=True to skip unreadable files with a "
+                                 "warning.") from None
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    for k in range(len(self.files)):
+      try:
+        return self._read((int(i) + k) % len(self.files))
+      except UnreadableImageError as e:
+        if not self.skip_unreadable:
+          raise
+        path = self.files[(int(i) + k) % len(self.files)][0]
+        if path not in self._warned:
+          self._warned.add(path)
+          logging.warning("Skipping unreadable image %s (%s); using the next file instead.", path, e)
+    raise UnreadableImageError(f"No image in the folder of {self.files[0][0]!r} can be read.")
+
+
+class UnreadableImageError(ValueError):
+  """An image file that cannot be decoded."""
+
+
+def _class_folders(root: str) -> list[str]:
+  return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+def _folder_classes(root: str, split: str) -> list[str]:
+  """The classes of `root/train` and `root/split`, which must be the same folders."""
+  splits = [s for s in dict.fromkeys(("train", split)) if os.path.isdir(os.path.join(root, s))]
+  found = {s: set(_class_folders(os.path.join(root, s))) for s in splits}
+  union = sorted(set().union(*found.values())) if found else []
+  for s, classes in found.items():
+    missing = [c for c in union if c not in classes]
+    if missing:
+      other = next(o for o in found if o != s)
+      raise ValueError(f"Class folder(s) {missing[:5]} of {os.path.join(root, other)} are missing from "
+                       f"{os.path.join(root, s)}: every split needs the same class folders (an empty folder "
+                       "is fine), or the labels would not match.")
+  return union
 
 
 def get_source(name: str, split: str, data_dir: str | None = None,
-               text_options: dict[str, Any] | None = None) -> Source:
+               text_options: dict[str, Any] | None = None, *, channels: int | None = None,
+               skip_unreadable: bool = False) -> Source:
   """The named dataset's split as a random-access `Source` (see the module docstring).
 
   `text_options` go to `text.load_text_data` (level, test_fraction, corpus sizes, ...).
+  Image folders: `channels` (the model's) and `skip_unreadable` go to `ImageFolder`.
   """
   from vit_jax.data import text
 
@@ -81,9 +135,12 @@ def get_source(name: str, split: str, data_dir: str | None = None,
                   info={"text": data})
   if name.startswith("folder:"):
     root = name[len("folder:"):]
-    train = ImageFolder(os.path.join(root, "train"))
-    data = train if split == "train" else ImageFolder(os.path.join(root, split), train.classes)
-    return Source(data, len(train.classes), name)
+    if not os.path.isdir(os.path.join(root, split)):
+      raise FileNotFoundError(f"No image folder at {os.path.join(root, split)!r}: expected "
+                              f"{root}/{{train,test}}/<class>/*.jpg.")
+    classes = _folder_classes(root, split)
+    data = ImageFolder(os.path.join(root, split), classes, channels=channels, skip_unreadable=skip_unreadable)
+    return Source(data, len(classes), name)
   import tensorflow_datasets as tfds
 
   if name == "digits":
@@ -225,7 +282,19 @@ class _GlobalBatches:
     if self.whole_batches:
       return {k: v[self.rows] for k, v in self.stream[b].items()}
     examples = [self.stream[b * self.batch_size + int(r)] for r in self.rows]
-    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    return stack(examples)
+
+
+def stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Examples -> a batch; examples of different shapes are an error that says how to fix it."""
+  out = {}
+  for k in examples[0]:
+    shapes = sorted({np.shape(e[k]) for e in examples})
+    if len(shapes) > 1:
+      raise ValueError(f"The examples' {k!r} have different shapes {shapes[:4]}: add a resize or crop to the "
+                       "preprocessing (e.g. decode|resize(224)|...) so every example has the same shape.")
+    out[k] = np.stack([e[k] for e in examples])
+  return out
 
 
 def train_dataset(source: Source, pp: str, batch_size: int, *, seed: int, rows=None, start: int = 0,
@@ -282,6 +351,6 @@ def eval_batches(source: Source, pp: str, batch_size: int, *, rows=None) -> Iter
           probe = _Select().map(preprocess.apply(ops, dict(source.data[0]), None))
         examples.append({k: np.zeros_like(v) for k, v in probe.items()})
         mask.append(0.0)
-    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    batch = stack(examples)
     batch["mask"] = np.asarray(mask, np.float32)
     yield batch

@@ -63,13 +63,42 @@ def _size(h, w=None) -> tuple[int, int]:
   return int(h), int(h if w is None else w)
 
 
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "La")
+
+
+def decode_image(data: bytes, channels: int | None = None) -> np.ndarray:
+  """Encoded image bytes (any format PIL reads) -> HWC uint8 with `channels` (1 or 3) channels.
+
+  Grey images (8- or 16-bit) give 1 channel and anything else 3 unless `channels` says otherwise
+  (grey is repeated into RGB, colour becomes luma).  16-bit values are scaled to 0..255; an alpha
+  channel (RGBA, LA, palette transparency) is composited onto white, as image viewers show it.
+  """
+  from PIL import Image
+
+  img = Image.open(io.BytesIO(data))
+  img.load()
+  if img.mode == "P":
+    img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+  if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit (or wider) grey
+    if img.mode == "F":
+      raise ValueError("a floating-point image has no defined value range: save it as 8- or 16-bit")
+    wide = np.asarray(img).astype(np.float64)
+    img = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
+  if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+    img = Image.alpha_composite(background, img.convert("RGBA"))
+  gray = img.mode in _GRAY_MODES
+  want = channels or (1 if gray else 3)
+  if want not in (1, 3):
+    raise ValueError(f"images can be decoded to 1 or 3 channels, not {want}")
+  image = np.asarray(img.convert("L" if want == 1 else "RGB"))
+  return image[..., None] if image.ndim == 2 else image
+
+
 def decode(example: Example, rng=None) -> Example:
   image = example["image"]
   if isinstance(image, (bytes, np.bytes_)):
-    from PIL import Image
-    img = Image.open(io.BytesIO(image))
-    image = np.asarray(img.convert("L" if img.mode in ("L", "1") else "RGB"))
-    image = image[..., None] if image.ndim == 2 else image
+    image = decode_image(bytes(image))
   return dict(example, image=np.asarray(image))
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -69,12 +70,19 @@ def top_k_maps(logits: jax.Array, k: int) -> jax.Array:
 
 
 def generate(teacher_workdir: str, out_dir: str, *, dataset: str | None = None, split: str | None = None,
-             data_dir: str | None = None, k: int = 5, batch_size: int = 256) -> str:
-  """Run the teacher saved in `teacher_workdir` over a split and write `out_dir/score_maps.npy`."""
-  from vit_jax import checkpoint
+             data_dir: str | None = None, k: int = 5, batch_size: int = 256, overwrite: bool = False) -> str:
+  """Run the teacher saved in `teacher_workdir` over a split and write `out_dir/score_maps.npy`.
+
+  The folder is built under a temporary name and renamed when complete; an existing `out_dir`
+  is an error unless `overwrite`.
+  """
+  from vit_jax import checkpoint, files
   from vit_jax.data import input_pipeline
   from vit_jax.models.vit import VisionTransformer
 
+  files.check_output(out_dir, teacher_workdir, overwrite=overwrite, what="--out")
+  if k < 1:
+    raise ValueError(f"--k {k} must be at least 1.")
   variables, saved = checkpoint.load_variables(teacher_workdir)
   if saved.get("task", "classification") != "classification" or "model" not in saved:
     raise ValueError(f"{teacher_workdir!r} does not hold a classifier checkpoint with its model settings.")
@@ -87,7 +95,7 @@ def generate(teacher_workdir: str, out_dir: str, *, dataset: str | None = None, 
   if not dataset or "pp_eval" not in data:
     raise ValueError(f"{teacher_workdir!r} has no config.json with the data settings: pass the dataset, split "
                      "and evaluation preprocessing of a training workdir.")
-  source = input_pipeline.get_source(dataset, split, data_dir)
+  source = input_pipeline.get_source(dataset, split, data_dir, channels=saved["model"].get("channels"))
   if not 1 <= k <= source.num_classes or source.num_classes > 2048:
     raise ValueError(f"k={k} must be in [1, {source.num_classes}] and classes <= 2048 (float16 indices).")
   fn = jax.jit(lambda v, x: top_k_maps(dense_logits(model, v, x), k))
@@ -96,14 +104,12 @@ def generate(teacher_workdir: str, out_dir: str, *, dataset: str | None = None, 
     maps = np.asarray(fn(variables, batch["image"]))
     rows.append(maps[batch["mask"] > 0])
   maps = np.concatenate(rows).astype(np.float16)
-  os.makedirs(out_dir, exist_ok=True)
-  tmp = os.path.join(out_dir, FILE + ".tmp.npy")
-  np.save(tmp, maps)
-  os.replace(tmp, os.path.join(out_dir, FILE))
   meta = dict(dataset=dataset, split=split, count=int(maps.shape[0]), k=k, num_classes=source.num_classes,
               grid=list(maps.shape[-2:]), teacher=os.path.abspath(teacher_workdir))
-  with open(os.path.join(out_dir, META), "w") as f:
-    json.dump(meta, f, indent=1)
+  with files.atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    np.save(os.path.join(tmp, FILE), maps)
+    with open(os.path.join(tmp, META), "w") as f:
+      json.dump(meta, f, indent=1)
   return out_dir
 
 
@@ -176,23 +182,32 @@ def token_targets(batch: Mapping[str, jax.Array], grid: tuple[int, int], num_cla
   return smooth(jax.nn.softmax(cls, -1)), smooth(jax.nn.softmax(tokens, -1))
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+  from vit_jax import cli
+
+  parser = cli.ArgumentParser(prog="python -m vit_jax.data.score_maps", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--teacher", required=True, help="the teacher's workdir (our checkpoint)")
   parser.add_argument("--out", required=True, help="output directory (score_maps.npy + meta.json)")
   parser.add_argument("--dataset", default=None, help="default: the teacher's training dataset")
   parser.add_argument("--split", default=None, help="default: the teacher's training split")
   parser.add_argument("--data_dir", default=None)
   parser.add_argument("--k", type=int, default=5)
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
   args = parser.parse_args(argv)
   from vit_jax import runtime
   runtime.tune_xla_cpu()
-  out = generate(args.teacher, args.out, dataset=args.dataset, split=args.split, data_dir=args.data_dir, k=args.k)
+  try:
+    out = generate(args.teacher, args.out, dataset=args.dataset, split=args.split, data_dir=args.data_dir, k=args.k,
+                   overwrite=args.overwrite)
+  except cli.INPUT_ERRORS as e:
+    return cli.fail(e)
   with open(os.path.join(out, META)) as f:
     meta = json.load(f)
   print(f"wrote {os.path.join(out, FILE)}: {meta['count']} x [2, {meta['k']}, {meta['grid'][0]}, {meta['grid'][1]}] "
         f"({meta['dataset']} {meta['split']})")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

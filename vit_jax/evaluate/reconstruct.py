@@ -62,15 +62,17 @@ def grid_image(rows: dict[str, np.ndarray], value_range=(-1.0, 1.0), cell: int =
 
 
 def save_png(array: np.ndarray, path: str) -> str:
-  from PIL import Image
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(array).save(path)
+  from vit_jax import files
+
+  files.write_png(path, array)
   return path
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m vit_jax.evaluate.reconstruct", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  from vit_jax import cli
+
+  parser = cli.ArgumentParser(prog="python -m vit_jax.evaluate.reconstruct", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--num", type=int, default=8)
   parser.add_argument("--output", help="PNG path (default WORKDIR/reconstructions.png)")
@@ -78,25 +80,28 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from vit_jax import checkpoint
+  from vit_jax import checkpoint, files
   from vit_jax.data import input_pipeline
-  from vit_jax.interop.tree import CheckpointError
 
   try:
+    if args.num < 1:
+      raise ValueError(f"--num {args.num} must be at least 1.")
+    output = args.output or os.path.join(args.workdir, "reconstructions.png")
+    files.check_output(output, args.workdir, overwrite=True, beside=True)
     params, saved = checkpoint.load(args.workdir)
     if saved.get("task") != "mae":
       raise ValueError(f"{args.workdir} is not an MAE run (task {saved.get('task')!r}).")
     with open(os.path.join(args.workdir, "config.json")) as f:
       data = json.load(f)["data"]
-  except (CheckpointError, ValueError, OSError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  model = MaskedAutoencoder(**saved["model"])
-  source = input_pipeline.get_source(data["name"], data["eval_split"], data.get("data_dir"))
-  batch = next(input_pipeline.eval_batches(source, data["pp_eval"], args.num))
-  images = batch["image"][: int(batch["mask"].sum())]
-  rows = reconstructions(model, params, images, rng=jax.random.key(args.seed))
-  path = save_png(grid_image(rows), args.output or os.path.join(args.workdir, "reconstructions.png"))
+    model = MaskedAutoencoder(**saved["model"])
+    source = input_pipeline.get_source(data["name"], data["eval_split"], data.get("data_dir"),
+                                       channels=saved["model"].get("channels"))
+    batch = next(input_pipeline.eval_batches(source, data["pp_eval"], args.num))
+    images = batch["image"][: int(batch["mask"].sum())]
+    rows = reconstructions(model, params, images, rng=jax.random.key(args.seed))
+    path = save_png(grid_image(rows), output)
+  except cli.INPUT_ERRORS as e:
+    return cli.fail(e, 2)
   print(f"wrote {path}: columns original | masked | reconstruction | reconstruction + visible, "
         f"{len(images)} images")
   return 0

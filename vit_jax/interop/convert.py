@@ -29,8 +29,6 @@ import os
 import sys
 from typing import Any, Sequence
 
-from vit_jax.checkpoint import CHECKPOINTS_SUBDIR
-
 FORMATS = ("vit_jax_npz", "big_vision_npz", "timm", "hf", "orbax")
 
 
@@ -109,23 +107,6 @@ def check_against_model(params, settings, grid) -> None:
                              f"{diff.describe()}\nFix the settings with --config (the image size with --image_size).")
 
 
-def _within(inner: str, outer: str) -> bool:
-  return inner == outer or inner.startswith(outer.rstrip("/") + "/")
-
-
-def check_output(input_path: str, output: str, *, overwrite: bool = False) -> None:
-  """Refuse an output that is, holds or lies inside the input (or its work directory), or that exists."""
-  from vit_jax import files
-
-  resolve = lambda p: os.path.realpath(p) if files.is_local(p) else os.fspath(files.path(p))
-  source, target = resolve(input_path), resolve(output)
-  workdir = source.split(f"/{CHECKPOINTS_SUBDIR}/")[0] if f"/{CHECKPOINTS_SUBDIR}/" in source + "/" else source
-  if _within(target, source) or _within(source, target) or _within(target, workdir):
-    raise ValueError(f"--output {output} would write onto the input {input_path}: choose an output outside it.")
-  if files.path(output).exists() and not overwrite:
-    raise ValueError(f"--output {output} already exists: choose another path, or pass --overwrite to replace it.")
-
-
 def convert(input_path: str, to: str, output: str, *, config: dict[str, Any] | None = None,
             image_size=None, scan: bool = False, labels: Sequence[str] | None = None,
             overwrite: bool = False) -> str:
@@ -138,7 +119,9 @@ def convert(input_path: str, to: str, output: str, *, config: dict[str, Any] | N
 
   if to not in FORMATS:
     raise ValueError(f"Unknown target format {to!r}: choose one of {FORMATS}.")
-  check_output(input_path, output, overwrite=overwrite)
+  from vit_jax import files
+
+  files.check_output(output, input_path, overwrite=overwrite)
   params, saved = load.load_params(input_path)
   settings = common.model_settings(dict(saved.get("model", {}), **(config or {})))
   if image_size is None and saved.get("image_size"):

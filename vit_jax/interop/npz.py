@@ -55,7 +55,13 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not source.is_file():
     raise CheckpointError(f"No checkpoint file at {path!r}.")
   try:
-    f = np.load(path if is_local(path) else io.BytesIO(source.read_bytes()), allow_pickle=False)
+    data = path if is_local(path) else io.BytesIO(source.read_bytes())
+    if zipfile.is_zipfile(data):
+      with zipfile.ZipFile(data) as archive:
+        _check_members(archive, path)
+    if not isinstance(data, str):
+      data.seek(0)
+    f = np.load(data, allow_pickle=False)
     if not isinstance(f, np.lib.npyio.NpzFile):
       raise CheckpointError(f"{path!r} holds a single array, not an .npz archive of named parameters.")
     with f:
@@ -68,6 +74,33 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not flat:
     raise CheckpointError(f"{path!r} is an empty .npz archive.")
   return {k: _recover_bfloat16(v) for k, v in flat.items()}
+
+
+def _check_members(archive: zipfile.ZipFile, path: str) -> None:
+  """Every member is a `.npy` array whose header's shape and dtype account for its size exactly.
+
+  Read from the headers alone, before any array is allocated: a damaged or hostile file cannot
+  make `np.load` allocate what its header claims.
+  """
+  for info in archive.infolist():
+    name = info.filename
+    if not name.endswith(".npy"):
+      raise CheckpointError(f"{path!r} holds {name!r}, which is not a .npy array: not a checkpoint .npz.")
+    with archive.open(info) as f:
+      try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+      except ValueError as e:
+        raise CheckpointError(f"{path!r}: the header of {name!r} is malformed ({e}): the file is corrupt.") from None
+      header = f.tell()
+    if dtype.hasobject:
+      raise CheckpointError(f"{path!r}: {name!r} holds Python objects, which a checkpoint never does (and which "
+                            "are not loaded, for safety).")
+    declared = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if declared != info.file_size:
+      raise CheckpointError(f"{path!r}: {name!r} declares shape {tuple(shape)} {dtype} ({declared} bytes) but holds "
+                            f"{info.file_size} bytes: the file is truncated or corrupt.")
 
 
 def _recover_bfloat16(a: np.ndarray) -> np.ndarray:

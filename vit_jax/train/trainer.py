@@ -133,14 +133,16 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
   local_batch = len(placement.rows)
   text_options = config.data.get("text")
   text_options = text_options.to_dict() if hasattr(text_options, "to_dict") else text_options
+  images = dict(channels=(config.get("model") or {}).get("channels", 3),
+                skip_unreadable=bool(config.data.get("skip_unreadable", False)))  # image folders
   train_source = input_pipeline.get_source(config.data.name, config.data.train_split, config.data.data_dir,
-                                           text_options)
+                                           text_options, **images)
   if config.data.get("score_maps"):  # token labeling: each example carries its teacher score map
     train_source = input_pipeline.Source(
         score_maps.ScoreMapSource(train_source.data, config.data.score_maps, dataset=config.data.name,
                                   split=config.data.train_split), train_source.num_classes, train_source.name)
   eval_source = input_pipeline.get_source(config.data.name, config.data.eval_split, config.data.data_dir,
-                                          text_options)
+                                          text_options, **images)
   steps_per_epoch = len(train_source) / global_batch
   total_steps = optim.to_steps(config, "total", steps_per_epoch=steps_per_epoch, batch_size=global_batch)
   make_train_data = lambda start: input_pipeline.train_dataset(
