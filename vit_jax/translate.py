@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     lines = [line.rstrip("\r\n") for line in sys.stdin]
     sentences = [line for line in lines if line.strip()]  # blank lines stay blank in the output
-    for warning in translator.check_inputs(sentences):
+    for warning in translator.check_inputs(lines):  # numbered as the input lines
       print(f"warning: {warning}", file=sys.stderr)
     out = translator.translate(sentences, beam=args.beam, alpha=args.alpha, batch_size=args.batch_size,
                                return_weights=bool(args.plot)) if sentences else []

@@ -81,14 +81,14 @@ def read_pairs(path: str, limit: int | None = None, plain_spaces: bool = False) 
 
 def write_pairs(path: str, pairs: Iterable[Pair]) -> None:
   """The same 3-column format; written to a temporary name and renamed, so a crash leaves no half file."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for p in pairs:
-      if any(c in s for s in (p.source, p.target, p.attribution) for c in "\t\n"):
-        raise ValueError(f"A pair contains a tab or newline: {p}.")
-      f.write(f"{p.source}\t{p.target}\t{p.attribution}\n")
-  os.replace(tmp, path)
+  from vit_jax.files import write_atomic
+
+  lines = []
+  for p in pairs:
+    if any(c in s for s in (p.source, p.target, p.attribution) for c in "\t\n"):
+      raise ValueError(f"A pair contains a tab or newline: {p}.")
+    lines.append(f"{p.source}\t{p.target}\t{p.attribution}\n")
+  write_atomic(path, "".join(lines))
 
 
 def split_by_source(pairs: Sequence[Pair], test_fraction: float, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
@@ -168,8 +168,9 @@ class Vocab:
     return ids, lengths
 
   def save(self, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump({"level": self.level, "tokens": list(self.tokens)}, f, ensure_ascii=False)
+    from vit_jax.files import write_atomic
+
+    write_atomic(path, json.dumps({"level": self.level, "tokens": list(self.tokens)}, ensure_ascii=False))
 
   @classmethod
   def load(cls, path: str) -> Vocab:

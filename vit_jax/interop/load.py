@@ -55,8 +55,8 @@ def adapt_posemb(loaded: Mapping[str, Any], init: Mapping[str, Any], *, mode: st
   it has them; extra ones (e.g. a new distillation token) come from `init`.
   """
   old, new = common.learned_posemb(loaded), common.learned_posemb(init)
-  if old is None or new is None or np.shape(old) == np.shape(new):
-    return dict(loaded)
+  if old is None or new is None or np.shape(old) == np.shape(new) or np.shape(old)[-1] != np.shape(new)[-1]:
+    return dict(loaded)  # nothing to resize, or another width: the key/shape check reports it
   n_old, n_new = _prefix_count(loaded), _prefix_count(init)
   grid = tuple(grid) if grid is not None else square_grid(np.shape(new)[1] - n_new, "model's position embedding")
   resized = resize_posemb(old, grid, num_prefix_tokens=n_old, source_grid=source_grid, mode=mode)

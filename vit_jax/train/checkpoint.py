@@ -118,7 +118,8 @@ class Checkpointer:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-      return signature(ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / "state").item_metadata.tree)
+      item = epath.Path(self.manager.directory) / str(step) / "state"  # as orbax itself reaches it
+      return signature(ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree)
     finally:
       quiet.setLevel(level)
 

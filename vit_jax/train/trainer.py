@@ -87,7 +87,7 @@ def validate(config) -> None:
   """Settings checked before anything is written; each failure names the key and the fix."""
   _positive_int(config, "batch_size")
   _positive_int(config, "eval_batch_size", optional=True)
-  _positive_int(config, "accumulate", optional=True)
+  _positive_int(config, "accumulate")
   keep = config.get("keep_checkpoints")
   if isinstance(keep, int) and keep < 1:
     raise ValueError(f"config.keep_checkpoints={config.get('keep_checkpoints')!r} would keep no checkpoint: set it "
@@ -145,6 +145,11 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
                                           text_options, **images)
   steps_per_epoch = len(train_source) / global_batch
   total_steps = optim.to_steps(config, "total", steps_per_epoch=steps_per_epoch, batch_size=global_batch)
+  log_every = optim.to_steps(config, "log", steps_per_epoch=steps_per_epoch, batch_size=global_batch, default=50)
+  eval_every = optim.to_steps(config, "eval", steps_per_epoch=steps_per_epoch, batch_size=global_batch,
+                              default=total_steps)
+  ckpt_every = optim.to_steps(config, "checkpoint", steps_per_epoch=steps_per_epoch, batch_size=global_batch,
+                              default=total_steps)
   make_train_data = lambda start: input_pipeline.train_dataset(
       train_source, config.data.pp_train, global_batch, seed=config.seed, rows=placement.rows, start=start,
       repeated_augmentation=int(config.data.get("repeated_augmentation", 1) or 1))
@@ -321,11 +326,6 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
   # ---------------------------------------------------------------- loop
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=first_step)
   progress = metrics_lib.Progress(total_steps, first_step, enabled=is_main)
-  log_every = optim.to_steps(config, "log", steps_per_epoch=steps_per_epoch, batch_size=global_batch, default=50)
-  eval_every = optim.to_steps(config, "eval", steps_per_epoch=steps_per_epoch, batch_size=global_batch,
-                              default=total_steps)
-  ckpt_every = optim.to_steps(config, "checkpoint", steps_per_epoch=steps_per_epoch, batch_size=global_batch,
-                              default=total_steps)
   final: dict[str, float] = {}
   pending, tic, seen = None, time.perf_counter(), 0
   data_state = lambda step: {"batches": step, "batch_size": global_batch, "seed": int(config.seed)}
