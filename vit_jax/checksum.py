@@ -17,6 +17,7 @@ small fraction of one optimizer update, on the devices that already hold the dat
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -64,23 +65,81 @@ def _array_sums(x: jax.Array) -> jax.Array:
   return jnp.stack(sums)
 
 
-def _tree_sums(leaves: list[Any]) -> jax.Array:
-  return jnp.stack([_array_sums(x) for x in leaves])
+@functools.lru_cache(maxsize=None)
+def _summer(out_sharding) -> Any:
+  """The jitted per-array sums (one compilation per shape, dtype and sharding, shared by every leaf)."""
+  return jax.jit(_array_sums, out_shardings=out_sharding)
+
+
+def _host_bits(x: np.ndarray) -> np.ndarray:
+  """numpy's `_bits`: the same words in the same order."""
+  if x.dtype == np.bool_:
+    return x.astype(np.uint32)
+  return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize]).astype(np.uint32) \
+      if x.dtype.itemsize != 8 else x.reshape(*x.shape, 1).view(np.uint32)
+
+
+def _host_sums(block: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+  """[2] uint32 sums of `block`, the part of an array of `shape` that begins at `start` (same terms as
+  `_array_sums`, so the parts of an array add up to its sums)."""
+  u = _host_bits(np.asarray(block))
+  if u.ndim > len(shape):  # 64-bit values: a trailing axis of two words
+    shape, start = (*shape, 2), (*start, 0)
+  index = np.zeros(u.shape, np.uint32)
+  stride = 1
+  for axis in reversed(range(u.ndim)):
+    coord = (np.arange(u.shape[axis], dtype=np.uint64) + start[axis]).astype(np.uint32)
+    index += (coord * np.uint32(stride % 2 ** 32)).reshape([-1 if a == axis else 1 for a in range(u.ndim)])
+    stride *= shape[axis]
+  with np.errstate(over="ignore"):
+    return np.array([np.sum(u * ((index * np.uint32(m) + np.uint32(o)) | np.uint32(1)), dtype=np.uint32)
+                     for m, o in zip(_MULTIPLIERS, _OFFSETS)], np.uint32)
+
+
+def _on_host(x) -> bool:
+  """Whether `x` is in host memory already: numpy, or a jax array on CPU devices."""
+  return not isinstance(x, jax.Array) or all(d.platform == "cpu" for d in x.sharding.device_set)
+
+
+def _partial_sums(x) -> np.ndarray:
+  """This process's share of `x`'s sums: its shards that are the first copy of their region."""
+  if not isinstance(x, jax.Array):
+    x = np.asarray(x)
+    return _host_sums(x, (0,) * x.ndim, x.shape)
+  total = np.zeros(2, np.uint32)
+  for shard in x.addressable_shards:
+    if shard.replica_id == 0:
+      start = tuple(i.start or 0 for i in shard.index)
+      with np.errstate(over="ignore"):
+        total += _host_sums(np.asarray(shard.data), start, x.shape)
+  return total
 
 
 def tree_checksums(tree: Any) -> dict[str, list[int]]:
   """`{path: [sum0, sum1]}` for every array leaf of `tree` (jax arrays of any sharding, or numpy).
 
-  Arrays sharded over a mesh (on any number of processes) are summed in place; every process gets
-  the same result.
+  Every process gets the same result.  Arrays in host memory (numpy, CPU devices) are summed
+  there, shard by shard, and the processes add their parts; arrays on accelerators are summed on
+  their devices by a small program per distinct shape (compiled once, dispatched per array).
   """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   if not flat:
     return {}
-  leaves = [x for _, x in flat]
-  mesh = next((x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), jax.NamedSharding)), None)
-  out = jax.NamedSharding(mesh, jax.P()) if mesh is not None else None  # replicated: readable on every process
-  sums = np.asarray(jax.device_get(jax.jit(_tree_sums, out_shardings=out)(leaves)))
+  sums = np.zeros((len(flat), 2), np.uint32)
+  host = [i for i, (_, x) in enumerate(flat) if _on_host(x)]
+  for i, (_, x) in enumerate(flat):
+    if i not in host:
+      sharding = x.sharding
+      out = jax.NamedSharding(sharding.mesh, jax.P()) if isinstance(sharding, jax.NamedSharding) else None
+      sums[i] = np.asarray(jax.device_get(_summer(out)(x)))  # replicated: readable on every process
+  if host:
+    parts = np.stack([_partial_sums(flat[i][1]) for i in host])
+    distributed = any(isinstance(flat[i][1], jax.Array) and not flat[i][1].is_fully_addressable for i in host)
+    if distributed:  # every process holds part of some array: add the parts of all processes
+      from jax.experimental import multihost_utils
+      with np.errstate(over="ignore"):
+        parts = np.asarray(multihost_utils.process_allgather(parts)).astype(np.uint32).sum(0, dtype=np.uint32)
+    sums[host] = parts
   return {path_name(p): [int(a), int(b)] for (p, _), (a, b) in zip(flat, sums)}
 
 
