@@ -1,132 +1,14 @@
-"""The ViT family by variant string: "Ti/16", "B/16", "L/14", "g/14", ...
+"""The ViT family by variant string ("Ti/16", "B/16", "DeiT-B-distilled", "LV-ViT-S", ...).
 
-A variant is `<size>/<patch>`: the size fixes width, depth, MLP width and heads
-(ViT paper, Table 1, and the later S, M, g, G sizes of big_vision / "Scaling
-Vision Transformers"); the patch is any positive integer, or `HxW` for
-rectangular patches ("B/16x8").  The published vit_jax names ("ViT-B_16") are
-accepted too.
+The table and the functions live in the package (`vit_jax/models/variants.py`); configs use them
+from here.  `python -m configs.models` prints the model-zoo table of the README.
 
     >>> cfg = get_config("B/16", num_classes=10)
     >>> model = create_model("B/16", num_classes=10)
-
-Named family members are accepted as well: "DeiT-Ti" / "DeiT-S" / "DeiT-B" (the
-ViT sizes at patch 16; "DeiT-B-distilled" adds the distillation token) and
-"LV-ViT-T" / "-S" / "-M" / "-L" (conv stem, MLP ratio 3, no qkv bias, residual
-scaling, LayerNorm eps 1e-5 and the token-labeling head).
-
-`python -m configs.models` prints the model-zoo table of the README.
 """
 
-from __future__ import annotations
-
-import re
-from typing import Any
-
-import ml_collections
-
-SIZES: dict[str, dict[str, int]] = {
-    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
-    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
-    "M": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
-    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
-    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
-    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
-    "g": dict(width=1408, depth=40, mlp_dim=6144, num_heads=16),
-    "G": dict(width=1664, depth=48, mlp_dim=8192, num_heads=16),
-}
-
-# LV-ViT (Jiang et al. 2021, reference code lvvit_*): patch 16 through the conv stem.
-LVVIT: dict[str, dict[str, Any]] = {
-    "T": dict(width=240, depth=12, num_heads=4, residual_scale=1.0, stem_width=64),
-    "S": dict(width=384, depth=16, num_heads=6, residual_scale=2.0, stem_width=64),
-    "M": dict(width=512, depth=20, num_heads=8, residual_scale=2.0, stem_width=64),
-    "L": dict(width=768, depth=24, num_heads=12, residual_scale=3.0, stem_width=128),
-}
-DEIT = {"Ti": "Ti/16", "S": "S/16", "B": "B/16"}
-
-_VARIANT = re.compile(r"^(?:ViT-)?(?P<size>[A-Za-z]+)[/_](?P<ph>\d+)(?:x(?P<pw>\d+))?$")
-
-
-def decode_variant(variant: str) -> dict[str, Any]:
-  """`"B/16"` -> `{"width": 768, "depth": 12, "mlp_dim": 3072, "num_heads": 12, "patch_size": (16, 16)}`."""
-  m = _VARIANT.match(variant.strip())
-  valid = ", ".join(f"{s}/16" for s in SIZES)
-  if not m or m.group("size") not in SIZES:
-    raise ValueError(f"Unknown variant {variant!r}: choose one of {valid} (any patch size, e.g. "
-                     f"'L/14', 'B/32', 'S/16x8').")
-  ph = int(m.group("ph"))
-  pw = int(m.group("pw") or ph)
-  if ph <= 0 or pw <= 0:
-    raise ValueError(f"Variant {variant!r} has a non-positive patch size.")
-  return dict(SIZES[m.group("size")], patch_size=(ph, pw))
-
-
-def family_settings(variant: str) -> dict[str, Any]:
-  """Model settings of a ViT size ("B/16") or a named DeiT / LV-ViT member."""
-  name = variant.strip()
-  m = re.match(r"^DeiT-(Ti|S|B)(-distilled)?$", name)
-  if m:
-    return dict(decode_variant(DEIT[m.group(1)]), distilled=bool(m.group(2)))
-  m = re.match(r"^LV-ViT-(T|S|M|L)$", name)
-  if m:
-    size = LVVIT[m.group(1)]
-    return dict(size, mlp_dim=3 * size["width"], patch_size=(16, 16), stem="conv", qkv_bias=False,
-                layer_norm_eps=1e-5, activation="gelu", token_head=True)
-  if name.startswith(("DeiT", "LV-ViT")):
-    raise ValueError(f"Unknown variant {variant!r}: choose DeiT-Ti/S/B (optionally '-distilled') or "
-                     "LV-ViT-T/S/M/L.")
-  return decode_variant(name)
-
-
-def get_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
-  """The `VisionTransformer` keyword arguments of a variant, as a locked ConfigDict.
-
-  Overrides must name real model fields; a typo fails with the closest names.
-  """
-  from vit_jax.models.vit import VisionTransformer  # configs -> models, never the reverse
-
-  fields = set(VisionTransformer.__dataclass_fields__) - {"parent", "name"}
-  unknown = sorted(set(overrides) - fields)
-  if unknown:
-    import difflib
-    hints = {k: difflib.get_close_matches(k, fields, n=3) for k in unknown}
-    raise ValueError(f"Unknown model setting(s) {unknown}; closest valid names: {hints}.")
-  cfg = ml_collections.ConfigDict(dict(family_settings(variant), **overrides))
-  cfg.lock()
-  return cfg
-
-
-def create_model(variant: str, **overrides: Any):
-  """A `VisionTransformer` for `variant` (see `get_config`)."""
-  from vit_jax.models.vit import VisionTransformer
-
-  return VisionTransformer(**get_config(variant, **overrides).to_dict())
-
-
-ZOO = ("Ti/16", "S/16", "M/16", "B/16", "B/32", "L/16", "L/14", "H/14", "g/14", "G/14")
-
-
-def count_params(variant: str, resolution: int = 224, **overrides: Any) -> int:
-  """Parameters of `variant` at `resolution` px, from shapes only (nothing is allocated)."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  model = create_model(variant, **overrides)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, resolution, resolution, 3))))
-  return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes["params"]))
-
-
-def zoo_table() -> str:
-  """The README's Markdown table: every `ZOO` variant with its size and parameter count."""
-  rows = ["| variant | width | depth | MLP | heads | params (224 px, 1000 classes) |",
-          "|---|---|---|---|---|---|"]
-  for v in ZOO:
-    c = decode_variant(v)
-    rows.append(f"| {v} | {c['width']} | {c['depth']} | {c['mlp_dim']} | {c['num_heads']} | "
-                f"{count_params(v, num_classes=1000):,} |")
-  return "\n".join(rows)
-
+from vit_jax.models.variants import (DEIT, LVVIT, SIZES, ZOO, count_params, create_model, decode_variant,  # noqa: F401
+                                     family_settings, get_config, zoo_table)
 
 if __name__ == "__main__":
   print(zoo_table())

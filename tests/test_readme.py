@@ -47,6 +47,7 @@ COVERED = {
     "vit_jax.translate": "tests/test_seq2seq_train.py::test_seq2seq_trains_and_translates",
     "configs/birnn.py": "tests/test_seq2seq_train.py::test_birnn_digits_classifier",
     "vit_jax.interop.convert": "tests/test_convert.py::test_command_line_entry_point; notebooks/export.ipynb",
+    "--config.init.path=model.pth": "tests/test_torch_import.py::test_main_fine_tunes_from_a_pth_file",
     "bench/vit_step.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
     "bench/decode.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
     # Timing and multi-run studies of minutes each (`make bench`), built from pieces tested elsewhere.

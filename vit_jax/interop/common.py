@@ -1,7 +1,7 @@
 """What every exporter shares: model settings, the patch grid, and torch tensor layouts.
 
 A model is described by its `VisionTransformer` settings (the keyword arguments
-that `configs.models.get_config` returns); `model_settings` fills in the
+that `vit_jax.models.variants.get_config` returns); `model_settings` fills in the
 defaults.  `infer_settings` recovers those that a parameter tree determines,
 so a published `.npz` converts without any configuration.
 """

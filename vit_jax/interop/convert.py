@@ -57,7 +57,7 @@ def parse_config(spec: str | None) -> dict[str, Any]:
         out[key.strip()] = value.strip()  # a bare string such as gelu or B/16
   model = dict(out.pop("model", {}), **out)
   if "variant" in model:
-    from configs.models import decode_variant
+    from vit_jax.models.variants import decode_variant
     model = dict(decode_variant(model.pop("variant")), **model)
   return model
 
@@ -122,7 +122,8 @@ def convert(input_path: str, to: str, output: str, *, config: dict[str, Any] | N
   from vit_jax import files
 
   files.check_output(output, input_path, overwrite=overwrite)
-  params, saved = load.load_params(input_path)
+  hints = {"num_heads": (config or {}).get("num_heads"), "image_size": image_size}
+  params, saved = load.load_params(input_path, hints=hints)
   settings = common.model_settings(dict(saved.get("model", {}), **(config or {})))
   if image_size is None and saved.get("image_size"):
     image_size = tuple(saved["image_size"])

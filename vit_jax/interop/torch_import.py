@@ -1,0 +1,233 @@
+"""PyTorch state dicts (timm, Hugging Face) into our parameter tree: the exact inverse of the exporters.
+
+Every exporter (`timm_export.state_dict`, `hf_export.state_dict`) only moves values: transposes,
+reshapes, splits and concatenations.  So instead of a second, hand-written mapping per family
+(which could drift from the exporter), the import *traces* the exporter once: it exports a
+template tree whose every element holds its own index (as the bits of a float32), reads in each
+exported tensor which of our elements went where, and gathers the torch values back along the
+same paths.  Import is thereby the inverse of export by construction: export-then-import is
+bit-exact, and the exporters' tested parity with timm and transformers carries over.  Tensors
+that the exporter computes rather than copies (a fixed sin-cos table) are recognised by the
+trace and not read.
+
+    params, settings, grid = torch_import.from_timm(torch_file.load("vit.pth"))
+    params, settings, grid = torch_import.from_hf(state_dict, config_json)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from vit_jax.interop import common
+from vit_jax.interop.tree import ParamMismatchError, flatten, unflatten
+
+_MAX_ELEMENTS = 0x7F000000  # ids stay finite positive float32 bit patterns (no NaN payloads to carry)
+
+
+def _shapes(settings: Mapping[str, Any], grid: Sequence[int]) -> dict[str, tuple[int, ...]]:
+  import jax
+  import jax.numpy as jnp
+
+  from vit_jax.models.vit import VisionTransformer
+
+  ph, pw = settings["patch_size"]
+  model = VisionTransformer(**dict(settings, scan=False))
+  images = jnp.zeros((1, grid[0] * ph, grid[1] * pw, settings["channels"]))
+  tree = jax.eval_shape(lambda: model.init(jax.random.key(0), images))["params"]
+  return {k: tuple(v.shape) for k, v in flatten(tree).items()}
+
+
+def trace(export: Callable[[Mapping[str, Any]], Mapping[str, np.ndarray]],
+          shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]]]:
+  """`(ids per exported name, {our path: (first id, size)})`; ids are uint32, 1-based, 0 = not ours.
+
+  Exported tensors that are computed rather than copied come back without ids (they are left out).
+  """
+  spans, start = {}, 1
+  for path, shape in shapes.items():
+    size = int(np.prod(shape, dtype=np.int64))
+    spans[path] = (start, size)
+    start += size
+  if start > _MAX_ELEMENTS:
+    raise ValueError(f"{start - 1} parameters are too many to trace for import.")
+  template = {p: np.arange(s, s + n, dtype=np.uint32).view(np.float32).reshape(shapes[p])
+              for p, (s, n) in spans.items()}
+  exported = export(unflatten(template))
+  ids = {}
+  for name, value in exported.items():
+    bits = np.ascontiguousarray(value, np.float32).view(np.uint32)
+    if bits.size and bits.min() >= 1 and bits.max() < start:
+      ids[name] = bits
+  return ids, spans
+
+
+def import_state_dict(state_dict: Mapping[str, np.ndarray], export: Callable, shapes: Mapping[str, tuple[int, ...]],
+                      *, what: str = "state dict", optional: Sequence[str] = ()) -> dict[str, Any]:
+  """Our parameter tree (float32) from `state_dict`, read along the traced `export`.
+
+  Keys the exporter writes but the file lacks, keys the file has but the exporter does not write
+  (other than `optional` ones, e.g. computed tables), and shape differences fail together in one
+  `ParamMismatchError`.
+  """
+  ids, spans = trace(export, shapes)
+  names = set(ids)
+  computed = set(optional)
+  missing = sorted(names - set(state_dict))
+  unexpected = sorted(set(state_dict) - names - computed)
+  wrong = sorted(f"{k}: {tuple(np.shape(state_dict[k]))} in the file, {ids[k].shape} expected"
+                 for k in names & set(state_dict) if tuple(np.shape(state_dict[k])) != ids[k].shape)
+  if missing or unexpected or wrong:
+    parts = [f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}" if missing else "",
+             f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}" if unexpected else "",
+             f"shapes {wrong[:4]}" if wrong else ""]
+    raise ParamMismatchError(f"The {what} does not match the model its settings describe: "
+                             + "; ".join(p for p in parts if p) + ".")
+  total = sum(n for _, n in spans.values()) + 1
+  flat = np.zeros(total, np.float32)
+  seen = np.zeros(total, bool)
+  for name, where in ids.items():
+    values = np.asarray(state_dict[name]).astype(np.float32).ravel()
+    where = where.ravel()
+    if np.any(seen[where] & (flat[where] != values)):
+      raise ParamMismatchError(f"The {what} holds two different values for one parameter (at {name!r}).")
+    flat[where], seen[where] = values, True
+  unread = [p for p, (s, n) in spans.items() if not seen[s:s + n].all()]
+  if unread:
+    raise ParamMismatchError(f"The {what} does not set {unread[:6]}.")
+  return unflatten({p: flat[s:s + n].reshape(shapes[p]) for p, (s, n) in spans.items()})
+
+
+# ---------------------------------------------------------------------------- timm
+
+def _heads(width: int, given: int | None) -> int:
+  """Heads are not visible in the weights: the config's, else the ViT family's (64 per head; H/14: 16)."""
+  if given:
+    return int(given)
+  return 16 if width == 1280 else max(width // 64, 1)
+
+
+def timm_settings(sd: Mapping[str, np.ndarray], model_args: Mapping[str, Any] | None = None
+                  ) -> tuple[dict[str, Any], tuple[int, int]]:
+  """Our settings and patch grid for a timm `VisionTransformer(Distilled)` state dict (+ its model_args)."""
+  args = dict(model_args or {})
+  if "patch_embed.proj.weight" not in sd:
+    raise ParamMismatchError("Not a timm VisionTransformer state dict: no patch_embed.proj.weight.")
+  width, channels, ph, pw = np.shape(sd["patch_embed.proj.weight"])
+  depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+  cls, dist = "cls_token" in sd, "dist_token" in sd
+  pool = "map" if "attn_pool.latent" in sd else ("token" if cls and "fc_norm.weight" not in sd else "gap")
+  if args.get("global_pool") in ("avg", "token", "map", ""):
+    pool = {"avg": "gap", "token": "token", "map": "map", "": "none"}[args["global_pool"]]
+  act = {"gelu_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}.get(str(args.get("act_layer")), "gelu")
+  settings = common.model_settings(
+      width=int(width), depth=depth, num_heads=_heads(int(width), args.get("num_heads")), channels=int(channels),
+      mlp_dim=int(np.shape(sd["blocks.0.mlp.fc1.weight"])[0]) if depth else None, patch_size=(int(ph), int(pw)),
+      num_classes=int(np.shape(sd["head.weight"])[0]) if "head.weight" in sd else None, pool_type=pool,
+      class_token=cls, distilled=dist, fc_norm="fc_norm.weight" in sd, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+      layer_scale_init=1e-5 if "blocks.0.ls1.gamma" in sd else None, activation=act,
+      posemb="learn" if "pos_embed" in sd else "none", layer_norm_eps=1e-6)
+  prefix = int(cls) + int(dist)
+  if "pos_embed" in sd:
+    grid = square_grid_of(np.shape(sd["pos_embed"])[1] - prefix, args.get("img_size"), (ph, pw))
+  else:
+    grid = tuple(int(v) // p for v, p in zip(args.get("img_size") or (224, 224), (ph, pw)))
+  return settings, grid
+
+
+def square_grid_of(tokens: int, img_size, patch) -> tuple[int, int] | None:
+  """The patch grid from the image size, else a square one; None when neither fits `tokens`."""
+  if img_size:
+    size = (img_size, img_size) if np.ndim(img_size) == 0 else tuple(img_size)
+    grid = (int(size[0]) // int(patch[0]), int(size[1]) // int(patch[1]))
+    if grid[0] * grid[1] == tokens:
+      return grid
+  side = int(round(np.sqrt(tokens)))
+  return (side, side) if side * side == tokens else None
+
+
+def from_timm(sd: Mapping[str, np.ndarray], model_args: Mapping[str, Any] | None = None, *,
+              what: str = "timm state dict") -> tuple[dict[str, Any], dict[str, Any], tuple[int, int]]:
+  """`(params, settings, grid)` from a timm `VisionTransformer` / `VisionTransformerDistilled` state dict.
+
+  `grid` is None when neither `model_args["img_size"]` nor a square position embedding gives it.
+  """
+  from vit_jax.interop import timm_export
+
+  settings, grid = timm_settings(sd, model_args)
+  # Without the image size, a non-square table is read as one row of patches: the same shapes and
+  # values; the grid is then None (give the image size where it matters).
+  shape_grid = grid or (1, int(np.shape(sd["pos_embed"])[1]) - int(settings["class_token"]) - int(settings["distilled"]))
+  export = lambda p: timm_export.state_dict(p, settings, shape_grid)
+  return import_state_dict(sd, export, _shapes(settings, shape_grid), what=what), settings, grid
+
+
+# ---------------------------------------------------------------------------- Hugging Face
+
+def hf_settings(config: Mapping[str, Any], sd: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], tuple[int, int]]:
+  """Our settings and grid for a Hugging Face ViT / DeiT folder (its config.json and weights)."""
+  from vit_jax.interop.hf_export import HF_ACT
+
+  model_type = config.get("model_type", "vit")
+  if model_type not in ("vit", "deit"):
+    raise ParamMismatchError(f"Hugging Face model_type {model_type!r} is not a ViT or DeiT classifier.")
+  act = {v: k for k, v in HF_ACT.items()}.get(config.get("hidden_act", "gelu"))
+  if act is None:
+    raise ParamMismatchError(f"hidden_act={config.get('hidden_act')!r} has no equivalent here.")
+  patch = config.get("patch_size", 16)
+  patch = (patch, patch) if np.ndim(patch) == 0 else tuple(patch)
+  size = config.get("image_size", 224)
+  size = (size, size) if np.ndim(size) == 0 else tuple(size)
+  heads_key = "cls_classifier.weight" if model_type == "deit" else "classifier.weight"
+  num_classes = int(np.shape(sd[heads_key])[0]) if heads_key in sd else None
+  pooler = "pooler.dense.weight" in sd or "vit.pooler.dense.weight" in sd
+  settings = common.model_settings(
+      width=int(config["hidden_size"]), depth=int(config["num_hidden_layers"]),
+      num_heads=int(config["num_attention_heads"]), mlp_dim=int(config["intermediate_size"]),
+      patch_size=patch, channels=int(config.get("num_channels", 3)), num_classes=num_classes,
+      representation_size=int(config.get("pooler_output_size") or config["hidden_size"]) if pooler else None,
+      distilled=model_type == "deit", qkv_bias=bool(config.get("qkv_bias", True)), activation=act,
+      layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)), pool_type="token")
+  return settings, (size[0] // patch[0], size[1] // patch[1])
+
+
+_HF_RENAMES = [  # transformers 5 names -> the hub's legacy names (which the exporter writes)
+    (re.compile(r"^(.*)layers\.(\d+)\.attention\.([qkv])_proj\."),
+     lambda m: f"{m[1]}encoder.layer.{m[2]}.attention.attention.{dict(q='query', k='key', v='value')[m[3]]}."),
+    (re.compile(r"^(.*)layers\.(\d+)\.attention\.o_proj\."), lambda m: f"{m[1]}encoder.layer.{m[2]}.attention.output.dense."),
+    (re.compile(r"^(.*)layers\.(\d+)\.mlp\.fc1\."), lambda m: f"{m[1]}encoder.layer.{m[2]}.intermediate.dense."),
+    (re.compile(r"^(.*)layers\.(\d+)\.mlp\.fc2\."), lambda m: f"{m[1]}encoder.layer.{m[2]}.output.dense."),
+    (re.compile(r"^(.*)layers\.(\d+)\.(layernorm_before|layernorm_after)\."), lambda m: f"{m[1]}encoder.layer.{m[2]}.{m[3]}."),
+]
+
+
+def hf_legacy_names(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A Hugging Face ViT / DeiT state dict under the hub's legacy key names, whichever it was saved with."""
+  out = {}
+  for k, v in sd.items():
+    for pattern, replace in _HF_RENAMES:
+      k, n = pattern.subn(replace, k, count=1)
+      if n:
+        break
+    out[k] = v
+  return out
+
+
+def from_hf(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *,
+            what: str = "Hugging Face checkpoint") -> tuple[dict[str, Any], dict[str, Any], tuple[int, int]]:
+  """`(params, settings, grid)` from a Hugging Face ViT / DeiT state dict and its config.json."""
+  from vit_jax.interop import hf_export
+
+  sd = hf_legacy_names(sd)
+  settings, grid = hf_settings(config, sd)
+  # A head model saved from ViTModel weights lacks the "vit." prefix, and the reverse: accept both.
+  _, _, base = hf_export.architecture(settings)
+  if base and not any(k.startswith(base) for k in sd):
+    sd = {(k if k.startswith(("classifier", "cls_classifier", "distillation_classifier")) else base + k): v
+          for k, v in sd.items()}
+  export = lambda p: hf_export.state_dict(p, settings, grid)
+  optional = [k for k in sd if k.endswith("pooler.dense.weight") or k.endswith("pooler.dense.bias")] \
+      if not settings["representation_size"] else []
+  return import_state_dict(sd, export, _shapes(settings, grid), what=what, optional=optional), settings, grid
