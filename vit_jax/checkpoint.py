@@ -93,6 +93,19 @@ def find_step_dir(path: str | os.PathLike) -> str:
   return os.fspath(root / str(steps[-1]))
 
 
+def item_metadata(item_dir) -> Any:
+  """The saved tree of one orbax item (`<step>/state`, `<step>/params`), leaves with shape and dtype."""
+  import orbax.checkpoint as ocp
+
+  quiet = logging.getLogger("absl")  # orbax warns that the item has no metadata file of its own
+  level = quiet.level
+  quiet.setLevel(logging.ERROR)
+  try:
+    return ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
+  finally:
+    quiet.setLevel(level)
+
+
 def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   """`(params, config)` from a native checkpoint; params are numpy arrays on the host."""
   variables, config = load_variables(path)
@@ -114,13 +127,7 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
   try:
     # Every array as whole host numpy, whatever mesh and number of processes wrote it (orbax would
     # otherwise try to rebuild the saved sharding, whose devices need not exist here).
-    quiet = logging.getLogger("absl")  # orbax warns that the item has no metadata file of its own
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-      tree = ocp.PyTreeCheckpointer().metadata(epath.Path(step_dir) / item).item_metadata.tree
-    finally:
-      quiet.setLevel(level)
+    tree = item_metadata(epath.Path(step_dir) / item)
     as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     args = {item: ocp.args.PyTreeRestore(restore_args=as_numpy)}
     if has_config:

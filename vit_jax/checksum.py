@@ -128,7 +128,7 @@ def tree_checksums(tree: Any) -> dict[str, list[int]]:
   sums = np.zeros((len(flat), 2), np.uint32)
   host = [i for i, (_, x) in enumerate(flat) if _on_host(x)]
   for i, (_, x) in enumerate(flat):
-    if i not in host:
+    if not _on_host(x):
       sharding = x.sharding
       out = jax.NamedSharding(sharding.mesh, jax.P()) if isinstance(sharding, jax.NamedSharding) else None
       sums[i] = np.asarray(jax.device_get(_summer(out)(x)))  # replicated: readable on every process

@@ -41,10 +41,12 @@ def _shapes(settings: Mapping[str, Any], grid: Sequence[int]) -> dict[str, tuple
 
 
 def trace(export: Callable[[Mapping[str, Any]], Mapping[str, np.ndarray]],
-          shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]]]:
-  """`(ids per exported name, {our path: (first id, size)})`; ids are uint32, 1-based, 0 = not ours.
+          shapes: Mapping[str, tuple[int, ...]]
+          ) -> tuple[dict[str, np.ndarray], set[str], dict[str, tuple[int, int]]]:
+  """`(ids per exported name, computed names, {our path: (first id, size)})`; ids are uint32, 1-based.
 
-  Exported tensors that are computed rather than copied come back without ids (they are left out).
+  Exported tensors that are computed rather than copied (a sin-cos table) carry no ids: they are
+  the computed names.
   """
   spans, start = {}, 1
   for path, shape in shapes.items():
@@ -61,20 +63,19 @@ def trace(export: Callable[[Mapping[str, Any]], Mapping[str, np.ndarray]],
     bits = np.ascontiguousarray(value, np.float32).view(np.uint32)
     if bits.size and bits.min() >= 1 and bits.max() < start:
       ids[name] = bits
-  return ids, spans
+  return ids, set(exported) - set(ids), spans
 
 
 def import_state_dict(state_dict: Mapping[str, np.ndarray], export: Callable, shapes: Mapping[str, tuple[int, ...]],
-                      *, what: str = "state dict", optional: Sequence[str] = ()) -> dict[str, Any]:
+                      *, what: str = "state dict") -> dict[str, Any]:
   """Our parameter tree (float32) from `state_dict`, read along the traced `export`.
 
-  Keys the exporter writes but the file lacks, keys the file has but the exporter does not write
-  (other than `optional` ones, e.g. computed tables), and shape differences fail together in one
-  `ParamMismatchError`.
+  Keys the exporter copies but the file lacks, keys the file has but the exporter does not write
+  (computed tables may be present or not: they are not read), and shape differences fail together
+  in one `ParamMismatchError`.
   """
-  ids, spans = trace(export, shapes)
+  ids, computed, spans = trace(export, shapes)
   names = set(ids)
-  computed = set(optional)
   missing = sorted(names - set(state_dict))
   unexpected = sorted(set(state_dict) - names - computed)
   wrong = sorted(f"{k}: {tuple(np.shape(state_dict[k]))} in the file, {ids[k].shape} expected"
@@ -228,6 +229,4 @@ def from_hf(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *,
     sd = {(k if k.startswith(("classifier", "cls_classifier", "distillation_classifier")) else base + k): v
           for k, v in sd.items()}
   export = lambda p: hf_export.state_dict(p, settings, grid)
-  optional = [k for k in sd if k.endswith("pooler.dense.weight") or k.endswith("pooler.dense.bias")] \
-      if not settings["representation_size"] else []
-  return import_state_dict(sd, export, _shapes(settings, grid), what=what, optional=optional), settings, grid
+  return import_state_dict(sd, export, _shapes(settings, grid), what=what), settings, grid

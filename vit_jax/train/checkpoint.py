@@ -43,7 +43,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vit_jax import checksum
-from vit_jax.checkpoint import CHECKPOINTS_SUBDIR
+from vit_jax.checkpoint import CHECKPOINTS_SUBDIR, item_metadata
 from vit_jax.train import multihost
 
 
@@ -114,14 +114,8 @@ class Checkpointer:
         checksums=ocp.args.JsonSave(sums)), force=True)
 
   def _saved_signature(self, step: int) -> dict[str, Any]:
-    quiet = logging.getLogger("absl")  # orbax warns that the item has no metadata file of its own
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-      item = epath.Path(self.manager.directory) / str(step) / "state"  # as orbax itself reaches it
-      return signature(ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree)
-    finally:
-      quiet.setLevel(level)
+    # Through the manager's directory, as orbax itself reaches it.
+    return signature(item_metadata(epath.Path(self.manager.directory) / str(step) / "state"))
 
   def restore_latest(self, abstract_state: Any, *, changes: str = "") -> tuple[int, Any, dict[str, Any]] | None:
     """`(step, state, data_state)` of the newest intact step, or None when there is none.

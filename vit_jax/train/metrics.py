@@ -72,8 +72,9 @@ class MetricWriter:
       workdir = epath.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
       self._path = workdir / "metrics.jsonl"
-      kept = _lines_up_to(self._path.read_text(), resume_step) if self._path.exists() else []
-      if self._path.exists() and "".join(kept) != self._path.read_text():
+      recorded = self._path.read_text() if self._path.exists() else ""
+      kept = _lines_up_to(recorded, resume_step)
+      if "".join(kept) != recorded:
         write_atomic(self._path, "".join(kept))
       if is_local(workdir):
         self._jsonl, self._lines = self._path.open("a"), None
