@@ -1,4 +1,8 @@
-"""Native checkpoints: orbax directories that hold the parameters and the config that built them.
+"""Model checkpoints for every tool: the weights and config of an orbax directory, read and written.
+
+The trainer's own saving and resuming of whole train states (optimizer, data position,
+preemption) is `vit_jax.train.resume`; this module reads the model out of those directories and
+writes parameter-only ones (convert).
 
 Layout (an orbax `CheckpointManager` root, one sub-directory per step):
 

@@ -24,7 +24,7 @@ from vit_jax import files
 from vit_jax.checkpoint import settings_to_json
 from vit_jax.data import input_pipeline, score_maps
 from vit_jax.interop import common as interop_common
-from vit_jax.train import checkpoint as train_checkpoint
+from vit_jax.train import resume
 from vit_jax.train import metrics as metrics_lib
 from vit_jax.train import multihost, optim, sharding, tasks
 
@@ -199,7 +199,7 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
   eval_global_batch = int(config.get("eval_batch_size") or global_batch)
   eval_placement = sharding.BatchPlacement(mesh, eval_global_batch)
 
-  ckpt = train_checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, keep_every=config.get("keep_every_steps"))
+  ckpt = resume.Checkpointer(workdir, keep=config.keep_checkpoints, keep_every=config.get("keep_every_steps"))
   saved_config = {"task": config.get("task", "classification"), "model": settings_to_json(task.settings)}
   saved_config.update(task.saved_config() if hasattr(task, "saved_config") else {"image_size": [h, w]})
   run_config = json.loads(json.dumps(_config_dict(config), default=str))  # as config.json holds it

@@ -1,4 +1,6 @@
-"""Preemption-safe training checkpoints under `WORKDIR/checkpoints/<step>/`.
+"""Saving and resuming a training run: preemption-safe train-state checkpoints under
+`WORKDIR/checkpoints/<step>/`.  (`vit_jax.checkpoint` reads the weights and config out of
+the same directories for inference, conversion and fine-tuning.)
 
 Each step holds four items (orbax `CheckpointManager`, asynchronous writes):
 
