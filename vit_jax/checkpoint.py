@@ -56,8 +56,12 @@ def settings_from_json(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def save(directory: str | os.PathLike, params: Mapping[str, Any], *, config: Mapping[str, Any],
-         step: int = 0) -> str:
-  """Save `params` and `config` (JSON-serialisable; "model" holds the settings) as `directory/<step>`."""
+         step: int = 0, extra: Mapping[str, Any] | None = None) -> str:
+  """Save `params` and `config` (JSON-serialisable; "model" holds the settings) as `directory/<step>`.
+
+  `extra`: other variable collections ({"batch_stats": ...}); the step then holds a `state` item
+  {"params", "extra"}, as the trainer writes, which `load_variables` reads back whole.
+  """
   import orbax.checkpoint as ocp
 
   from vit_jax.files import path
@@ -69,9 +73,10 @@ def save(directory: str | os.PathLike, params: Mapping[str, Any], *, config: Map
   from vit_jax import checksum
 
   with ocp.CheckpointManager(directory) as manager:
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+    item, tree = ("state", {"params": params, "extra": dict(extra)}) if extra else ("params", params)
+    manager.save(step, args=ocp.args.Composite(**{item: ocp.args.StandardSave(tree)},
                                                config=ocp.args.JsonSave(config),
-                                               checksums=ocp.args.JsonSave(checksum.tree_checksums(params))))
+                                               checksums=ocp.args.JsonSave(checksum.tree_checksums(tree))))
     manager.wait_until_finished()
   return os.fspath(directory / str(step))
 

@@ -11,9 +11,10 @@ The package only needs numpy and safetensors for this: it never imports torch.
 `python -m vit_jax.interop.convert` is the command-line front end.
 """
 
-from vit_jax.interop.load import adapt_posemb, load_params, load_pretrained
+from vit_jax.interop.load import adapt_posemb, load_params, load_pretrained, load_pretrained_variables, load_variables
 from vit_jax.interop.posemb import resize_posemb
 from vit_jax.interop.tree import CheckpointError, ParamMismatchError, diff_params, merge_params
 
-__all__ = ["adapt_posemb", "load_params", "load_pretrained", "resize_posemb", "CheckpointError",
+__all__ = ["adapt_posemb", "load_params", "load_pretrained", "load_pretrained_variables", "load_variables",
+           "resize_posemb", "CheckpointError",
            "ParamMismatchError", "diff_params", "merge_params"]

@@ -50,6 +50,13 @@ def num_prefix_tokens(settings: Mapping[str, Any]) -> int:
   return int(cls) + int(bool(settings["distilled"]))
 
 
+def has_final_norm(settings: Mapping[str, Any]) -> bool:
+  """Whether the encoder ends with `Transformer/encoder_norm` (see `VisionTransformer.final_norm`)."""
+  if settings.get("final_norm") is not None:
+    return bool(settings["final_norm"])
+  return settings.get("norm", "pre") == "pre" and not settings.get("fc_norm")
+
+
 def unrolled(params: Mapping[str, Any]) -> dict[str, Any]:
   """A plain nested dict of numpy arrays with `encoderblock_{i}` entries (scanned trees are split)."""
   return scan_to_unrolled(host(params))
@@ -152,6 +159,8 @@ def infer_settings(params: Mapping[str, Any]) -> dict[str, Any]:
   else:
     s["pool_type"] = "token" if "cls" in p else "map" if "MAPHead_0" in p else "gap"
   s["distilled"] = "dist_token" in p
+  if "encoder_norm" not in p["Transformer"] and not s.get("fc_norm"):
+    s["final_norm"] = False
   s["posemb"] = "learn" if learned_posemb(p) is not None else "sincos2d"
   if "kernel" in p.get("pre_logits", {}):
     s["representation_size"] = int(p["pre_logits"]["kernel"].shape[1])
@@ -204,7 +213,10 @@ def torch_norm(ln: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def torch_conv(conv: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """flax Conv {kernel HWIO, bias} -> torch Conv2d {weight OIHW, bias}."""
-  return {"weight": contiguous(np.asarray(conv["kernel"]).transpose(3, 2, 0, 1)), "bias": contiguous(conv["bias"])}
+  out = {"weight": contiguous(np.asarray(conv["kernel"]).transpose(3, 2, 0, 1))}
+  if "bias" in conv:
+    out["bias"] = contiguous(conv["bias"])
+  return out
 
 
 def write_folder(out_dir, state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> str:

@@ -5,7 +5,9 @@
     python -m vit_jax.interop.convert --input WORKDIR --to vit_jax_npz --output out/model.npz
 
 --input: a native checkpoint (a trainer work directory, a checkpoint root or one
-step directory) or an `.npz` in the vit_jax or big_vision layout.
+step directory), an `.npz` in the vit_jax or big_vision layout, or PyTorch weights
+read without torch: a `.pth` / `.bin` / `.safetensors` file (timm, DeiT, MAE or
+LV-ViT names), or a Hugging Face / timm folder (config.json + weights).
 --to:
   vit_jax_npz     the official vit_jax layout (timm's `load_pretrained` reads it)
   big_vision_npz  big_vision's layout (`params/` prefix; --scan stacks the blocks)
@@ -88,23 +90,33 @@ def _image_size(value: str | None):
   return (parts[0], parts[0]) if len(parts) == 1 else tuple(parts)
 
 
-def check_against_model(params, settings, grid) -> None:
-  """Raise a listing of every key/shape that differs from what `settings` builds."""
+def check_against_model(params, settings, grid, *, mae: bool = False) -> None:
+  """Raise a listing of every key/shape that differs from what `settings` builds (a
+  `VisionTransformer`, or with `mae` a `MaskedAutoencoder`)."""
   import jax
   import jax.numpy as jnp
 
   from vit_jax.interop.tree import ParamMismatchError, diff_params
+  from vit_jax.models.mae import MaskedAutoencoder
   from vit_jax.models.vit import VisionTransformer
 
-  ph, pw = settings["patch_size"]
-  model = VisionTransformer(**settings)
-  images = jnp.zeros((1, grid[0] * ph, grid[1] * pw, settings["channels"]))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images))["params"]
+  if mae:
+    model, (ph, pw) = MaskedAutoencoder(**settings), (settings["patch_size"],) * 2
+    rngs = {"params": jax.random.key(0), "masking": jax.random.key(1)}
+  else:
+    model, (ph, pw), rngs = VisionTransformer(**settings), settings["patch_size"], jax.random.key(0)
+  images = jnp.zeros((1, grid[0] * ph, grid[1] * pw, settings.get("channels", 3)))
+  shapes = jax.eval_shape(lambda: model.init(rngs, images))["params"]
   diff = diff_params(params, shapes)
   if diff:
+    shown = ("width", "depth", "num_heads", "mlp_dim", "patch_size") + (
+        ("decoder_width", "decoder_depth") if mae else ("pool_type", "num_classes"))
     raise ParamMismatchError("The weights do not match the model settings "
-                             f"{ {k: settings[k] for k in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size', 'pool_type', 'num_classes')} }:\n"
+                             f"{ {k: settings.get(k) for k in shown} }:\n"
                              f"{diff.describe()}\nFix the settings with --config (the image size with --image_size).")
+
+
+HINTS = ("num_heads", "residual_scale", "decoder_heads", "norm_pix_loss")  # settings the weights may not show
 
 
 def convert(input_path: str, to: str, output: str, *, config: dict[str, Any] | None = None,
@@ -122,14 +134,21 @@ def convert(input_path: str, to: str, output: str, *, config: dict[str, Any] | N
   from vit_jax import files
 
   files.check_output(output, input_path, overwrite=overwrite)
-  hints = {"num_heads": (config or {}).get("num_heads"), "image_size": image_size}
-  params, saved = load.load_params(input_path, hints=hints)
-  settings = common.model_settings(dict(saved.get("model", {}), **(config or {})))
+  hints = dict({k: (config or {}).get(k) for k in HINTS}, image_size=image_size)
+  variables, saved = load.load_variables(input_path, hints=hints)
+  params = variables.pop("params")
   if image_size is None and saved.get("image_size"):
     image_size = tuple(saved["image_size"])
+  if saved.get("task") == "mae":
+    return _convert_mae(params, dict(saved["model"], **(config or {})), to, output, input_path=input_path,
+                        image_size=image_size, scan=scan, overwrite=overwrite)
+  settings = common.model_settings(dict(saved.get("model", {}), **(config or {})))
   # The grid from the image size alone first, so that wrong settings show up as a key diff.
   grid = common.grid_of(settings, image_size) if image_size else common.patch_grid(params, settings)
   check_against_model(params, dict(settings, scan=False), grid)
+  if variables and to != "orbax":
+    raise ValueError(f"The model keeps {sorted(variables)} besides its parameters (the conv stem's BatchNorm "
+                     f"statistics), which {to} cannot hold: convert it to orbax.")
 
   if to in ("vit_jax_npz", "big_vision_npz"):  # one file, written atomically
     layout = to[:-len("_npz")]
@@ -139,11 +158,43 @@ def convert(input_path: str, to: str, output: str, *, config: dict[str, Any] | N
         f"vit_jax: load_pretrained({output!r}, init_params)"
   else:
     how = _write_folder(to, output, params, settings, grid, input_path=input_path, image_size=image_size,
-                        scan=scan, labels=labels, overwrite=overwrite)
+                        scan=scan, labels=labels, overwrite=overwrite, extra=variables)
   return f"wrote {to} to {output}; load it with {how}"
 
 
-def _write_folder(to, output, params, settings, grid, *, input_path, image_size, scan, labels, overwrite) -> str:
+def _convert_mae(params, settings, to, output, *, input_path, image_size, scan, overwrite) -> str:
+  """A masked autoencoder with its decoder: to orbax (task "mae") or to Hugging Face's ViTMAEForPreTraining."""
+  import contextlib
+
+  from vit_jax import checkpoint, files
+  from vit_jax.interop import common, hf_export
+
+  if to not in ("orbax", "hf"):
+    raise ValueError(f"{input_path!r} is a masked autoencoder with its decoder, which converts to orbax or hf "
+                     f"(ViTMAEForPreTraining), not {to}; fine-tune its encoder with --config.init.path instead.")
+  if image_size is None:
+    raise ValueError("The MAE's image size is unknown: give --image_size.")
+  p = int(settings["patch_size"])
+  grid = common.grid_of({"patch_size": (p, p)}, image_size)
+  check_against_model(params, dict(settings, scan=False), grid, mae=True)
+  building = files.atomic_directory(output, overwrite=overwrite) if files.is_local(output) \
+      else contextlib.nullcontext(output)
+  with building as out:
+    if to == "hf":
+      if grid[0] != grid[1]:
+        raise ValueError(f"Hugging Face ViTMAE needs a square image, got {image_size}.")
+      hf_export.save_mae(params, settings, out, image_size=grid[0] * p)
+      how = f"transformers.ViTMAEForPreTraining.from_pretrained({output!r})"
+    else:
+      checkpoint.save(out, common.scanned(params) if scan else params, config={
+          "model": dict(settings, scan=scan), "task": "mae", "image_size": [grid[0] * p, grid[1] * p],
+          "source": input_path})
+      how = f"vit_jax.checkpoint.load({output!r})"
+  return f"wrote {to} to {output}; load it with {how}"
+
+
+def _write_folder(to, output, params, settings, grid, *, input_path, image_size, scan, labels, overwrite,
+                  extra=None) -> str:
   """A folder format, built under a temporary name beside `output` and renamed (object stores: in place)."""
   import contextlib
 
@@ -166,7 +217,8 @@ def _write_folder(to, output, params, settings, grid, *, input_path, image_size,
     ph, pw = settings["patch_size"]
     tree = common.scanned(params) if scan else params
     checkpoint.save(out, tree, config={"model": settings_to_json(dict(settings, scan=scan)),
-                                       "image_size": [grid[0] * ph, grid[1] * pw], "source": input_path})
+                                       "image_size": [grid[0] * ph, grid[1] * pw], "source": input_path},
+                    extra=extra)
     return f"vit_jax.checkpoint.load({output!r})"
 
 

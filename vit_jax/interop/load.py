@@ -32,22 +32,32 @@ def load_params(path: str | os.PathLike, *, scan: bool = False,
   """`(params, config)` from an `.npz` file, a native checkpoint directory or PyTorch weights.
 
   `config` is the checkpoint's saved config (native) or `{"model": settings}` inferred from the
-  weights (`.npz`, PyTorch; with "image_size" where the weights or their config.json show it).
-  `hints`: what PyTorch weights cannot show, `num_heads` and `image_size` (timm files without
-  their config.json).
+  weights (`.npz`, PyTorch; with "image_size" where the weights or their config.json show it,
+  and "task": "mae" for a masked autoencoder with its decoder).  `hints`: what PyTorch weights
+  cannot show (`torch_import.read`): num_heads, image_size, residual_scale, decoder_heads,
+  norm_pix_loss.
   """
+  variables, config = load_variables(path, scan=scan, hints=hints)
+  return variables["params"], config
+
+
+def load_variables(path: str | os.PathLike, *, scan: bool = False,
+                   hints: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+  """`(variables, config)` as `load_params`, with the batch statistics where there are any
+  ({"params", "batch_stats"}: a native train state, an LV-ViT release)."""
   from vit_jax.files import path as as_path
 
   root = as_path(path)
   if root.is_dir() and _torch_folder(root) is None:  # local or gs://...
     from vit_jax import checkpoint
-    params, config = checkpoint.load(path)
+    variables, config = checkpoint.load_variables(path)
   elif root.is_dir() or not os.fspath(root).endswith(".npz"):
-    params, config = _load_torch(root, dict(hints or {}))
+    variables, config = _load_torch(root, dict(hints or {}))
   else:
     params = npz.load_npz(path, scan=scan)
-    return params, {"model": common.infer_settings(params)}
-  return (common.scanned(params) if scan else common.unrolled(params)), config
+    return {"params": params}, {"model": common.infer_settings(params)}
+  params = variables["params"]
+  return dict(variables, params=common.scanned(params) if scan else common.unrolled(params)), config
 
 
 _TORCH_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -75,34 +85,38 @@ def _load_torch(root, hints: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
   if folder is None and (root.parent / "config.json").exists():
     folder = root.parent
   config = json.loads((folder / "config.json").read_text()) if folder is not None else {}
-  sd = torch_file.load(weights)
-  what = f"checkpoint {os.fspath(weights)!r}"
-  if "model_type" in config:  # a Hugging Face folder
-    params, settings, grid = torch_import.from_hf(sd, config, what=what)
-  elif "patch_embed.proj.weight" in sd:  # timm names (timm, DeiT, MAE fine-tuned)
-    args = dict(config.get("model_args") or {})
-    args.update({k: v for k, v in (("num_heads", hints.get("num_heads")),
-                                   ("img_size", hints.get("image_size"))) if v})
-    params, settings, grid = torch_import.from_timm(sd, args, what=what)
-  elif any(".embeddings.patch_embeddings." in k or k.startswith("embeddings.patch_embeddings.") for k in sd):
-    raise CheckpointError(f"{what} holds Hugging Face weights: give the folder with its config.json.")
-  else:
-    raise CheckpointError(f"{what} is not a ViT state dict this package reads (timm or Hugging Face names); "
-                          f"its first keys are {sorted(sd)[:5]}.")
-  ph, pw = settings["patch_size"]
-  config = {"model": settings, "source": os.fspath(weights)}
-  if grid is not None:
-    config["image_size"] = [grid[0] * ph, grid[1] * pw]
-  return params, config
+  variables, saved = torch_import.read(torch_file.load(weights), config, hints,
+                                       what=f"checkpoint {os.fspath(weights)!r}")
+  return variables, dict(saved, source=os.fspath(weights))
 
 
 def _hints(init_params: Mapping[str, Any], grid: Sequence[int] | None) -> dict[str, Any]:
-  """The model's head count, read from its query kernel [width, heads, head_dim] (for PyTorch weights)."""
+  """What PyTorch weights cannot show, from the model they are loaded into: its head count (from the
+  query kernel [width, heads, head_dim]); `weights_only`: other settings (LV-ViT's residual scale)
+  are the model's own, so the file's need not be known."""
   tree = common.unrolled(init_params) if "encoderblock" in init_params.get("Transformer", {}) else init_params
   blocks = common.blocks(tree) if "Transformer" in tree else []
+  hints: dict[str, Any] = {"weights_only": True}
   if blocks and "MultiHeadDotProductAttention_0" in blocks[0]:
-    return {"num_heads": int(np.shape(blocks[0]["MultiHeadDotProductAttention_0"]["query"]["kernel"])[1])}
-  return {}
+    hints["num_heads"] = int(np.shape(blocks[0]["MultiHeadDotProductAttention_0"]["query"]["kernel"])[1])
+  return hints
+
+
+def _fixed_to_learned(loaded: Mapping[str, Any], saved: Mapping[str, Any], init: Mapping[str, Any],
+                      grid: Sequence[int] | None) -> dict[str, Any]:
+  """A checkpoint with the fixed sin-cos table (MAE) loaded into a model with a learned one: the
+  learned table starts from the sin-cos values at the model's own grid, as MAE fine-tuning does."""
+  from vit_jax.models.vit import posemb_sincos_2d
+
+  fixed = saved.get("task") == "mae" or (saved.get("model") or {}).get("posemb") == "sincos2d"
+  table = common.learned_posemb(init)
+  if not fixed or table is None or common.learned_posemb(loaded) is not None or "Transformer" not in loaded:
+    return dict(loaded)
+  prefix = _prefix_count(init)
+  grid = tuple(grid) if grid is not None else square_grid(np.shape(table)[1] - prefix, "model's position embedding")
+  values = np.asarray(posemb_sincos_2d(grid[0], grid[1], np.shape(table)[-1], prefix_tokens=prefix), np.float32)
+  logging.info("The checkpoint's fixed sin-cos position table initialises the model's learned one %s.", values.shape)
+  return dict(loaded, Transformer=dict(loaded["Transformer"], posembed_input={"pos_embedding": values}))
 
 
 def _prefix_count(tree: Mapping[str, Any]) -> int:
@@ -146,15 +160,41 @@ def load_pretrained(source: str | os.PathLike | Mapping[str, Any], init_params: 
   Returns the model's tree (scanned or unrolled) with loaded values as numpy
   arrays in the model's dtypes and kept values as given in `init_params`.
   """
+  return load_pretrained_variables(source, {"params": init_params}, dont_load=dont_load, reinit_head=reinit_head,
+                                   posemb_resize=posemb_resize, grid=grid, source_grid=source_grid)["params"]
+
+
+def load_pretrained_variables(source: str | os.PathLike | Mapping[str, Any], init_variables: Mapping[str, Any], *,
+                              dont_load: Iterable[str] | str = (), reinit_head: bool = False,
+                              posemb_resize: str | None = "vit_jax", grid: Sequence[int] | None = None,
+                              source_grid: Sequence[int] | None = None) -> dict[str, Any]:
+  """`load_pretrained` for all of a model's variables: {"params", "batch_stats", ...}.
+
+  Collections besides "params" (the conv stem's BatchNorm statistics) are taken from the
+  checkpoint where it has them, under the same strict key check and `dont_load` patterns; a
+  checkpoint without them (an `.npz`, a params-only directory) leaves the model's own.
+  """
+  init_params = init_variables["params"]
   scan = "encoderblock" in init_params.get("Transformer", {})
   if isinstance(source, Mapping):
-    loaded = common.scanned(source) if scan else common.unrolled(source)
+    variables = {"params": common.scanned(source) if scan else common.unrolled(source)}
   else:
-    loaded, _ = load_params(source, scan=scan, hints=_hints(init_params, grid))
+    variables, saved = load_variables(source, scan=scan, hints=_hints(init_params, grid))
+    variables["params"] = _fixed_to_learned(variables["params"], saved, init_params, grid)
+  loaded = variables["params"]
   patterns = [dont_load] if isinstance(dont_load, str) else list(dont_load)
   if reinit_head:
     patterns += HEAD_PATTERNS
   if posemb_resize is not None:
     loaded = adapt_posemb(loaded, init_params, mode=posemb_resize, grid=grid, source_grid=source_grid)
   what = f"checkpoint {os.fspath(source)!r}" if not isinstance(source, Mapping) else "checkpoint"
-  return merge_params(loaded, init_params, dont_load=patterns, what=what)
+  out = {"params": merge_params(loaded, init_params, dont_load=patterns, what=what)}
+  for collection, init in init_variables.items():
+    if collection == "params":
+      continue
+    if collection in variables:
+      out[collection] = merge_params(variables[collection], init, dont_load=patterns, what=f"{what} ({collection})")
+    else:
+      logging.info("The checkpoint has no %s: the model's own are kept.", collection)
+      out[collection] = init
+  return out

@@ -42,6 +42,9 @@ def check_supported(settings: Mapping[str, Any]) -> None:
   common.require(settings, "timm's VisionTransformer", norm=("pre",), stem=("patch",), residual_scale=(1.0,),
                  activation=tuple(TIMM_ACT), representation_size=(None, 0), layer_norm_eps=(1e-6,),
                  token_head=(False,))
+  if common.has_final_norm(settings) == bool(settings["fc_norm"]):
+    raise ValueError("timm's VisionTransformer ends with either `norm` or `fc_norm`: this model has "
+                     f"{'both' if settings['fc_norm'] else 'neither'} (final_norm={settings['final_norm']}).")
   if settings["pool_type"] == "map" and not settings["qkv_bias"]:
     raise ValueError("timm's VisionTransformer cannot represent this model: its attention-pooling head drops "
                      "the q/kv biases when qkv_bias=False, ours keeps them.")
@@ -75,7 +78,12 @@ def state_dict(params: Mapping[str, Any], settings: Mapping[str, Any],
   """Our tree -> timm `VisionTransformer` / `VisionTransformerDistilled` state dict (float32)."""
   s = common.model_settings(settings)
   check_supported(s)
-  p = common.unrolled(params)
+  return names(common.unrolled(params), s, grid)
+
+
+def names(p: Mapping[str, Any], s: Mapping[str, Any], grid: Sequence[int]) -> dict[str, np.ndarray]:
+  """timm's names for an unrolled tree, without the check that timm can build the model (MAE's
+  released encoders use these names without a final norm)."""
   sd = named("patch_embed.proj", torch_conv(p["embedding"]))
   if has_class_token(s["pool_type"], s["class_token"]):
     sd["cls_token"] = contiguous(p["cls"])
@@ -84,18 +92,10 @@ def state_dict(params: Mapping[str, Any], settings: Mapping[str, Any],
   if s["posemb"] != "none":
     sd["pos_embed"] = contiguous(common.explicit_posemb(p, s, grid))
   for i, blk in enumerate(common.blocks(p)):
-    pre = f"blocks.{i}"
-    sd.update(_attention(f"{pre}.attn", blk["MultiHeadDotProductAttention_0"], fused=True))
-    sd.update(named(f"{pre}.norm1", torch_norm(blk["LayerNorm_0"])))
-    sd.update(named(f"{pre}.norm2", torch_norm(blk["LayerNorm_1"])))
-    sd.update(named(f"{pre}.mlp.fc1", torch_linear(blk["MlpBlock_0"]["Dense_0"])))
-    sd.update(named(f"{pre}.mlp.fc2", torch_linear(blk["MlpBlock_0"]["Dense_1"])))
-    for j in (0, 1):
-      if f"LayerScale_{j}" in blk:
-        sd[f"{pre}.ls{j + 1}.gamma"] = contiguous(blk[f"LayerScale_{j}"]["gamma"])
+    sd.update(block_names(f"blocks.{i}", blk))
   if s["fc_norm"]:
     sd.update(named("fc_norm", torch_norm(p["fc_norm"])))
-  else:
+  if common.has_final_norm(s):
     sd.update(named("norm", torch_norm(p["Transformer"]["encoder_norm"])))
   if s["pool_type"] == "map":
     head = p["MAPHead_0"]
@@ -108,6 +108,19 @@ def state_dict(params: Mapping[str, Any], settings: Mapping[str, Any],
     sd.update(named("head", torch_linear(p["head"])))
     if s["distilled"]:
       sd.update(named("head_dist", torch_linear(p["head_dist"])))
+  return sd
+
+
+def block_names(pre: str, blk: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """One pre-norm block under timm's names (`norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1/2`, `ls1/2`)."""
+  sd = _attention(f"{pre}.attn", blk["MultiHeadDotProductAttention_0"], fused=True)
+  sd.update(named(f"{pre}.norm1", torch_norm(blk["LayerNorm_0"])))
+  sd.update(named(f"{pre}.norm2", torch_norm(blk["LayerNorm_1"])))
+  sd.update(named(f"{pre}.mlp.fc1", torch_linear(blk["MlpBlock_0"]["Dense_0"])))
+  sd.update(named(f"{pre}.mlp.fc2", torch_linear(blk["MlpBlock_0"]["Dense_1"])))
+  for j in (0, 1):
+    if f"LayerScale_{j}" in blk:
+      sd[f"{pre}.ls{j + 1}.gamma"] = contiguous(blk[f"LayerScale_{j}"]["gamma"])
   return sd
 
 

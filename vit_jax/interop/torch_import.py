@@ -22,21 +22,25 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from vit_jax.interop import common
-from vit_jax.interop.tree import ParamMismatchError, flatten, unflatten
+from vit_jax.interop.tree import CheckpointError, ParamMismatchError, flatten, unflatten
 
 _MAX_ELEMENTS = 0x7F000000  # ids stay finite positive float32 bit patterns (no NaN payloads to carry)
 
 
-def _shapes(settings: Mapping[str, Any], grid: Sequence[int]) -> dict[str, tuple[int, ...]]:
+def _shapes(settings: Mapping[str, Any], grid: Sequence[int], *, model=None,
+            collections: Sequence[str] = ("params",)) -> dict[str, tuple[int, ...]]:
+  """Flat shapes of the model's variables: of "params" alone (paths without the collection), or of
+  several collections (paths "params/...", "batch_stats/...")."""
   import jax
   import jax.numpy as jnp
 
   from vit_jax.models.vit import VisionTransformer
 
-  ph, pw = settings["patch_size"]
-  model = VisionTransformer(**dict(settings, scan=False))
+  ph, pw = common.model_settings(settings)["patch_size"] if model is None else (settings["patch_size"],) * 2
+  model = model or VisionTransformer(**dict(settings, scan=False))
   images = jnp.zeros((1, grid[0] * ph, grid[1] * pw, settings["channels"]))
-  tree = jax.eval_shape(lambda: model.init(jax.random.key(0), images))["params"]
+  tree = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
+  tree = tree["params"] if tuple(collections) == ("params",) else {c: tree[c] for c in collections}
   return {k: tuple(v.shape) for k, v in flatten(tree).items()}
 
 
@@ -66,18 +70,24 @@ def trace(export: Callable[[Mapping[str, Any]], Mapping[str, np.ndarray]],
   return ids, set(exported) - set(ids), spans
 
 
-def import_state_dict(state_dict: Mapping[str, np.ndarray], export: Callable, shapes: Mapping[str, tuple[int, ...]],
-                      *, what: str = "state dict") -> dict[str, Any]:
-  """Our parameter tree (float32) from `state_dict`, read along the traced `export`.
+COMPUTED_ATOL = 1e-5  # a stored table recomputed here (sin-cos) must agree with ours this closely
 
-  Keys the exporter copies but the file lacks, keys the file has but the exporter does not write
-  (computed tables may be present or not: they are not read), and shape differences fail together
-  in one `ParamMismatchError`.
+
+def import_state_dict(state_dict: Mapping[str, np.ndarray], export: Callable, shapes: Mapping[str, tuple[int, ...]],
+                      *, what: str = "state dict", ignore: str | None = None) -> dict[str, Any]:
+  """Our tree (float32) from `state_dict`, read along the traced `export`.
+
+  Keys the exporter copies but the file lacks, keys the file has but the exporter does not write,
+  and shape differences fail together in one `ParamMismatchError`.  A table the exporter computes
+  (sin-cos) may be in the file or not; where it is, it must equal ours (`COMPUTED_ATOL`), or the
+  model it came from was not the one these settings describe.  `ignore`: a regular expression
+  of keys the file may hold that carry nothing to read (BatchNorm's batch counter).
   """
   ids, computed, spans = trace(export, shapes)
   names = set(ids)
+  skipped = {k for k in state_dict if ignore and re.search(ignore, k)}
   missing = sorted(names - set(state_dict))
-  unexpected = sorted(set(state_dict) - names - computed)
+  unexpected = sorted(set(state_dict) - names - computed - skipped)
   wrong = sorted(f"{k}: {tuple(np.shape(state_dict[k]))} in the file, {ids[k].shape} expected"
                  for k in names & set(state_dict) if tuple(np.shape(state_dict[k])) != ids[k].shape)
   if missing or unexpected or wrong:
@@ -86,6 +96,16 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], export: Callable, sh
              f"shapes {wrong[:4]}" if wrong else ""]
     raise ParamMismatchError(f"The {what} does not match the model its settings describe: "
                              + "; ".join(p for p in parts if p) + ".")
+  if computed & set(state_dict):
+    template = unflatten({p: np.zeros(shape, np.float32) for p, shape in shapes.items()})
+    exported = export(template)
+    for name in sorted(computed & set(state_dict)):
+      stored, ours = np.asarray(state_dict[name], np.float32), np.asarray(exported[name], np.float32)
+      gap = float(np.max(np.abs(stored - ours))) if stored.shape == ours.shape else np.inf
+      if not gap <= COMPUTED_ATOL:
+        raise ParamMismatchError(f"The {what} holds {name!r} with other values than the fixed sin-cos table "
+                                 f"this model computes (largest difference {gap:.3g}): it comes from a model with "
+                                 "a learned table, which this architecture does not have.")
   total = sum(n for _, n in spans.values()) + 1
   flat = np.zeros(total, np.float32)
   seen = np.zeros(total, bool)
@@ -101,9 +121,18 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], export: Callable, sh
   return unflatten({p: flat[s:s + n].reshape(shapes[p]) for p, (s, n) in spans.items()})
 
 
+def count_blocks(sd: Mapping[str, Any], prefix: str) -> int:
+  """How many `prefix{i}.` blocks the state dict has (0, 1, ... without gaps)."""
+  found = {k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)}
+  n = len(found)
+  if found != {str(i) for i in range(n)}:
+    raise ParamMismatchError(f"The {prefix}* blocks are not numbered 0..{n - 1}: {sorted(found)[:6]}.")
+  return n
+
+
 # ---------------------------------------------------------------------------- timm
 
-def _heads(width: int, given: int | None) -> int:
+def heads_of(width: int, given: int | None) -> int:
   """Heads are not visible in the weights: the config's, else the ViT family's (64 per head; H/14: 16)."""
   if given:
     return int(given)
@@ -117,25 +146,44 @@ def timm_settings(sd: Mapping[str, np.ndarray], model_args: Mapping[str, Any] | 
   if "patch_embed.proj.weight" not in sd:
     raise ParamMismatchError("Not a timm VisionTransformer state dict: no patch_embed.proj.weight.")
   width, channels, ph, pw = np.shape(sd["patch_embed.proj.weight"])
-  depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+  for key, what in (("blocks.0.attn.q_norm.weight", "qk-norm (blocks.*.attn.q_norm / k_norm)"),
+                    ("blocks.0.gamma_1", "DeiT-III's layer scale and class-token-free position table (gamma_1)"),
+                    ("blocks.0.norm1.running_mean", "BatchNorm in the blocks")):
+    if key in sd:
+      raise ParamMismatchError(f"The file has {what}, which this package's ViT does not implement.")
+  depth = count_blocks(sd, "blocks.")
   cls, dist = "cls_token" in sd, "dist_token" in sd
   pool = "map" if "attn_pool.latent" in sd else ("token" if cls and "fc_norm.weight" not in sd else "gap")
   if args.get("global_pool") in ("avg", "token", "map", ""):
     pool = {"avg": "gap", "token": "token", "map": "map", "": "none"}[args["global_pool"]]
   act = {"gelu_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}.get(str(args.get("act_layer")), "gelu")
   settings = common.model_settings(
-      width=int(width), depth=depth, num_heads=_heads(int(width), args.get("num_heads")), channels=int(channels),
+      width=int(width), depth=depth, num_heads=heads_of(int(width), args.get("num_heads")), channels=int(channels),
       mlp_dim=int(np.shape(sd["blocks.0.mlp.fc1.weight"])[0]) if depth else None, patch_size=(int(ph), int(pw)),
       num_classes=int(np.shape(sd["head.weight"])[0]) if "head.weight" in sd else None, pool_type=pool,
       class_token=cls, distilled=dist, fc_norm="fc_norm.weight" in sd, qkv_bias="blocks.0.attn.qkv.bias" in sd,
       layer_scale_init=1e-5 if "blocks.0.ls1.gamma" in sd else None, activation=act,
-      posemb="learn" if "pos_embed" in sd else "none", layer_norm_eps=1e-6)
+      posemb="learn" if "pos_embed" in sd else "none", layer_norm_eps=1e-6,
+      final_norm=False if "norm.weight" not in sd and "fc_norm.weight" not in sd else None)
   prefix = int(cls) + int(dist)
   if "pos_embed" in sd:
     grid = square_grid_of(np.shape(sd["pos_embed"])[1] - prefix, args.get("img_size"), (ph, pw))
+    if grid is not None and is_sincos(sd["pos_embed"], grid, prefix):
+      settings["posemb"] = "sincos2d"  # MAE's pre-training encoders: a fixed table, not a learned one
   else:
     grid = tuple(int(v) // p for v, p in zip(args.get("img_size") or (224, 224), (ph, pw)))
   return settings, grid
+
+
+def is_sincos(table, grid: Sequence[int], prefix: int) -> bool:
+  """Whether a stored position table is the fixed 2-D sin-cos one (zero prefix rows), to `COMPUTED_ATOL`."""
+  from vit_jax.models.vit import posemb_sincos_2d
+
+  table = np.asarray(table, np.float32)
+  if table.ndim != 3 or table.shape[1] != prefix + grid[0] * grid[1] or table.shape[2] % 4:
+    return False
+  ours = np.asarray(posemb_sincos_2d(grid[0], grid[1], table.shape[2], prefix_tokens=prefix), np.float32)
+  return bool(np.allclose(table, ours, rtol=0, atol=COMPUTED_ATOL))
 
 
 def square_grid_of(tokens: int, img_size, patch) -> tuple[int, int] | None:
@@ -161,7 +209,7 @@ def from_timm(sd: Mapping[str, np.ndarray], model_args: Mapping[str, Any] | None
   # Without the image size, a non-square table is read as one row of patches: the same shapes and
   # values; the grid is then None (give the image size where it matters).
   shape_grid = grid or (1, int(np.shape(sd["pos_embed"])[1]) - int(settings["class_token"]) - int(settings["distilled"]))
-  export = lambda p: timm_export.state_dict(p, settings, shape_grid)
+  export = lambda p: timm_export.names(common.unrolled(p), settings, shape_grid)
   return import_state_dict(sd, export, _shapes(settings, shape_grid), what=what), settings, grid
 
 
@@ -194,24 +242,30 @@ def hf_settings(config: Mapping[str, Any], sd: Mapping[str, np.ndarray]) -> tupl
   return settings, (size[0] // patch[0], size[1] // patch[1])
 
 
-_HF_RENAMES = [  # transformers 5 names -> the hub's legacy names (which the exporter writes)
-    (re.compile(r"^(.*)layers\.(\d+)\.attention\.([qkv])_proj\."),
-     lambda m: f"{m[1]}encoder.layer.{m[2]}.attention.attention.{dict(q='query', k='key', v='value')[m[3]]}."),
-    (re.compile(r"^(.*)layers\.(\d+)\.attention\.o_proj\."), lambda m: f"{m[1]}encoder.layer.{m[2]}.attention.output.dense."),
-    (re.compile(r"^(.*)layers\.(\d+)\.mlp\.fc1\."), lambda m: f"{m[1]}encoder.layer.{m[2]}.intermediate.dense."),
-    (re.compile(r"^(.*)layers\.(\d+)\.mlp\.fc2\."), lambda m: f"{m[1]}encoder.layer.{m[2]}.output.dense."),
-    (re.compile(r"^(.*)layers\.(\d+)\.(layernorm_before|layernorm_after)\."), lambda m: f"{m[1]}encoder.layer.{m[2]}.{m[3]}."),
-]
+_HF_BLOCK = re.compile(r"^(.*?)(?:(decoder_layers)|layers)\.(\d+)\.(.*)$")  # transformers 5 block names
+_HF_LEGACY = [(re.compile(r"^attention\.([qkv])_proj\."),
+               lambda m: f"attention.attention.{dict(q='query', k='key', v='value')[m[1]]}."),
+              (re.compile(r"^attention\.o_proj\."), lambda m: "attention.output.dense."),
+              (re.compile(r"^mlp\.fc1\."), lambda m: "intermediate.dense."),
+              (re.compile(r"^mlp\.fc2\."), lambda m: "output.dense."),
+              (re.compile(r"^(layernorm_before|layernorm_after)\."), lambda m: f"{m[1]}.")]
 
 
 def hf_legacy_names(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """A Hugging Face ViT / DeiT state dict under the hub's legacy key names, whichever it was saved with."""
+  """A Hugging Face ViT / DeiT / ViTMAE state dict under the hub's legacy key names, whichever it was
+  saved with (transformers 5 writes `layers.{i}.attention.q_proj`, `mlp.fc1`, ...)."""
   out = {}
   for k, v in sd.items():
-    for pattern, replace in _HF_RENAMES:
-      k, n = pattern.subn(replace, k, count=1)
-      if n:
-        break
+    # transformers 5's save_pretrained writes ViTMAE's decoder blocks as `decoder_encoder.layer.{i}`.
+    k = k.replace("decoder.decoder_encoder.layer.", "decoder.decoder_layers.")
+    m = _HF_BLOCK.match(k)
+    if m and "encoder.layer." not in k:
+      for pattern, replace in _HF_LEGACY:
+        rest, n = pattern.subn(replace, m[4], count=1)
+        if n:
+          block = f"decoder_layers.{m[3]}." if m[2] else f"encoder.layer.{m[3]}."
+          k = m[1] + block + rest
+          break
     out[k] = v
   return out
 
@@ -230,3 +284,104 @@ def from_hf(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *,
           for k, v in sd.items()}
   export = lambda p: hf_export.state_dict(p, settings, grid)
   return import_state_dict(sd, export, _shapes(settings, grid), what=what), settings, grid
+
+
+def from_hf_mae(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *,
+                what: str = "Hugging Face checkpoint") -> tuple[dict[str, Any], dict[str, Any], tuple[int, int]]:
+  """`(params, settings, grid)` of a `MaskedAutoencoder` from a `ViTMAEForPreTraining` folder."""
+  from vit_jax.interop import hf_export
+  from vit_jax.interop.hf_export import HF_ACT
+  from vit_jax.models.mae import MaskedAutoencoder
+
+  act = {v: k for k, v in HF_ACT.items()}.get(config.get("hidden_act", "gelu"))
+  if act is None:
+    raise ParamMismatchError(f"hidden_act={config.get('hidden_act')!r} has no equivalent here.")
+  if not config.get("qkv_bias", True):
+    raise ParamMismatchError("A ViTMAE without qkv biases has no equivalent here (our MAE keeps them).")
+  patch, size = int(config.get("patch_size", 16)), int(config.get("image_size", 224))
+  settings = dict(
+      patch_size=patch, width=int(config["hidden_size"]), depth=int(config["num_hidden_layers"]),
+      num_heads=int(config["num_attention_heads"]), mlp_dim=int(config["intermediate_size"]),
+      decoder_width=int(config["decoder_hidden_size"]), decoder_depth=int(config["decoder_num_hidden_layers"]),
+      decoder_heads=int(config["decoder_num_attention_heads"]),
+      decoder_mlp_dim=int(config["decoder_intermediate_size"]), mask_ratio=float(config.get("mask_ratio", 0.75)),
+      norm_pix_loss=bool(config.get("norm_pix_loss", False)), channels=int(config.get("num_channels", 3)),
+      activation=act, layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)))
+  grid = (size // patch, size // patch)
+  sd = hf_legacy_names(sd)
+  export = lambda p: hf_export.mae_state_dict(p, settings, grid)
+  shapes = _shapes(settings, grid, model=MaskedAutoencoder(**settings))
+  return import_state_dict(sd, export, shapes, what=what), settings, grid
+
+
+def from_mae(sd: Mapping[str, np.ndarray], args: Mapping[str, Any] | None = None, *,
+             what: str = "MAE checkpoint") -> tuple[dict[str, Any], dict[str, Any], tuple[int, int]]:
+  """`(params, settings, grid)` of a `MaskedAutoencoder` from an MAE release with its decoder."""
+  from vit_jax.interop import official
+  from vit_jax.models.mae import MaskedAutoencoder
+
+  settings, grid = official.mae_settings(sd, args)
+  if grid is None:
+    raise ParamMismatchError(f"The {what} has a position table for no square patch grid: give the image size.")
+  export = lambda p: official.mae_state_dict(p, settings, grid)
+  shapes = _shapes(settings, grid, model=MaskedAutoencoder(**settings))
+  return import_state_dict(sd, export, shapes, what=what), settings, grid
+
+
+def from_lvvit(sd: Mapping[str, np.ndarray], args: Mapping[str, Any] | None = None, *,
+               what: str = "LV-ViT checkpoint") -> tuple[dict[str, Any], dict[str, Any], tuple[int, int]]:
+  """`(variables, settings, grid)` from an LV-ViT release: {"params", "batch_stats"} (the stem's running statistics)."""
+  from vit_jax.interop import official
+
+  settings, grid = official.lvvit_settings(sd, args)
+  if grid is None:
+    raise ParamMismatchError(f"The {what} has a position table for no square patch grid: give the image size.")
+  export = lambda v: official.lvvit_state_dict(v, settings, grid)
+  shapes = _shapes(settings, grid, collections=("params", "batch_stats"))
+  return import_state_dict(sd, export, shapes, what=what, ignore=official.LVVIT_IGNORED), settings, grid
+
+
+def read(sd: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None,
+         hints: Mapping[str, Any] | None = None, *, what: str = "checkpoint"
+         ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """`(variables, saved config)` from any PyTorch state dict this package reads, told apart by its names.
+
+  `config`: the folder's config.json (Hugging Face: required; timm: its model_args are used).
+  `hints`: what the weights cannot show (num_heads, image_size, residual_scale, decoder_heads,
+  norm_pix_loss; weights_only=True when only the weights will be used, so unknown settings default).
+  The saved config is {"model": settings, "image_size": [h, w], "task": "mae"
+  for a MaskedAutoencoder}.
+  """
+  config, hints = dict(config or {}), {k: v for k, v in dict(hints or {}).items() if v is not None}
+  args = dict(config.get("model_args") or {})
+  args.update(hints)
+  if "image_size" in hints:
+    args["img_size"] = hints["image_size"]
+  task = None
+  if "model_type" in config:  # a Hugging Face folder
+    if config["model_type"] == "vit_mae":
+      params, settings, grid = from_hf_mae(sd, config, what=what)
+      task = "mae"
+    else:
+      params, settings, grid = from_hf(sd, config, what=what)
+    variables = {"params": params}
+  elif "patch_embed.conv1.weight" in sd:  # LV-ViT's conv stem
+    variables, settings, grid = from_lvvit(sd, args, what=what)
+  elif "decoder_embed.weight" in sd:  # an MAE release with its decoder
+    params, settings, grid = from_mae(sd, args, what=what)
+    variables, task = {"params": params}, "mae"
+  elif "patch_embed.proj.weight" in sd:  # timm names: timm, DeiT, MAE encoders and fine-tuned MAE
+    params, settings, grid = from_timm(sd, args, what=what)
+    variables = {"params": params}
+  elif any(".embeddings.patch_embeddings." in k or k.startswith("embeddings.patch_embeddings.") for k in sd):
+    raise CheckpointError(f"The {what} holds Hugging Face weights: give the folder with its config.json.")
+  else:
+    raise CheckpointError(f"The {what} is not a ViT state dict this package reads (timm, Hugging Face, "
+                             f"MAE or LV-ViT names); its first keys are {sorted(sd)[:5]}.")
+  ph, pw = (settings["patch_size"],) * 2 if task == "mae" else settings["patch_size"]
+  saved: dict[str, Any] = {"model": settings}
+  if task:
+    saved["task"] = task
+  if grid is not None:
+    saved["image_size"] = [grid[0] * ph, grid[1] * pw]
+  return variables, saved

@@ -8,7 +8,7 @@ The parameter tree is the linen tree of vit_jax / big_vision:
   dist_token [1, 1, D]                              with distilled=True (DeiT)
   Transformer/posembed_input/pos_embedding          [1, prefix + h*w, D], with posemb="learn"
   Transformer/encoderblock_{i}/...                  see encoder.py
-  Transformer/encoder_norm                          unless fc_norm=True
+  Transformer/encoder_norm                          unless fc_norm=True or final_norm=False
   MAPHead_0/...                                     with pool_type="map"
   fc_norm/{scale, bias}                             with fc_norm=True (norm after pooling, MAE / timm)
   pre_logits/{kernel, bias}                         with representation_size (Dense + tanh)
@@ -153,6 +153,9 @@ class VisionTransformer(nn.Module):
     pool_type: "token" (class token), "gap" (mean of the patch tokens; prefix
       tokens are left out), "map" (attention pooling) or "none" (the head is
       applied to every token).
+    final_norm: the encoder's final norm (`Transformer/encoder_norm`); None: with
+      pre-norm blocks unless fc_norm.  False: the released MAE pre-training
+      encoders that were saved without it.
     class_token: add the `cls` token; None: only with pool_type="token".  MAE
       fine-tuning keeps the pre-trained class token but pools with "gap".
     fc_norm: drop the encoder's final norm and normalise the pooled features
@@ -184,6 +187,7 @@ class VisionTransformer(nn.Module):
   pool_type: Literal["token", "gap", "map", "none"] = "token"
   class_token: bool | None = None
   fc_norm: bool = False
+  final_norm: bool | None = None
   distilled: bool = False
   representation_size: int | None = None
   head_bias_init: float = 0.0
@@ -205,6 +209,9 @@ class VisionTransformer(nn.Module):
   attention_impl: str | None = None
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
+
+  def _final_norm(self) -> bool | None:
+    return (False if self.fc_norm else None) if self.final_norm is None else self.final_norm
 
   def _check(self, images: Array) -> tuple[int, int]:
     for name, value, options in (("pool_type", self.pool_type, POOL_TYPES),
@@ -280,7 +287,7 @@ class VisionTransformer(nn.Module):
         residual_scale=self.residual_scale, activation=self.activation, qkv_bias=self.qkv_bias,
         layer_norm_eps=self.layer_norm_eps, learned_posemb=self.posemb == "learn", scan=self.scan,
         remat_policy=self.remat_policy, attention_impl=self.attention_impl, return_weights=return_attention,
-        final_norm=False if self.fc_norm else None, dtype=self.dtype, param_dtype=self.param_dtype,
+        final_norm=self._final_norm(), dtype=self.dtype, param_dtype=self.param_dtype,
         name="Transformer")(
             x, posemb=fixed, deterministic=not train)
     out.update(enc_out)

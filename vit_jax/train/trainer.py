@@ -393,16 +393,18 @@ def _check_arrays(batch: Mapping[str, np.ndarray], expected: Mapping[str, int]) 
 
 def _load_init(config, state, state_sharding):
   """Start from `config.init.path` (our checkpoint or a published .npz): head reset, posemb resized."""
-  from vit_jax.interop import load_pretrained
+  from vit_jax.interop import load_pretrained_variables
 
   init = config.init
   h, w = _image_size(config)
   ph, pw = interop_common.model_settings(dict(config.model))["patch_size"]
-  # The fresh parameters, whole on every host, are the template (and the new head's initial values);
-  # under FSDP over several processes they are gathered first.
-  params = load_pretrained(init.path, multihost.to_host(state["params"]), dont_load=list(init.get("dont_load") or ()),
-                           reinit_head=bool(init.get("reinit_head", True)),
-                           posemb_resize=init.get("posemb_resize", "vit_jax"), grid=(h // ph, w // pw))
+  # The fresh variables, whole on every host, are the template (and the new head's initial values);
+  # under FSDP over several processes they are gathered first.  Batch statistics come along.
+  template = {"params": multihost.to_host(state["params"]), **multihost.to_host(state["extra"])}
+  loaded = load_pretrained_variables(init.path, template, dont_load=list(init.get("dont_load") or ()),
+                                     reinit_head=bool(init.get("reinit_head", True)),
+                                     posemb_resize=init.get("posemb_resize", "vit_jax"), grid=(h // ph, w // pw))
   logging.info("Initialised from %s.", init.path)
-  params = multihost.from_host(params, state_sharding["params"])
-  return dict(state, params=params)
+  params = multihost.from_host(loaded.pop("params"), state_sharding["params"])
+  extra = multihost.from_host(loaded, state_sharding["extra"]) if loaded else state["extra"]
+  return dict(state, params=params, extra=extra)

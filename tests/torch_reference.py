@@ -1,0 +1,219 @@
+"""Small PyTorch models with the parameter names of the papers' own releases, for parity tests.
+
+No library builds these files' models: DeiT and MAE released timm-0.3.2 ViTs plus their own
+modules, LV-ViT its own stem and token head.  These modules are written from the papers and the
+layouts in the releases (names, shapes, forward passes), independently of vit_jax:
+
+  ViT    cls (+ DeiT's dist) token, learned pos_embed, pre-norm blocks; heads: class token,
+         distilled (mean of `head` and `head_dist`), or MAE fine-tuning's global pool + `fc_norm`
+  MAE    encoder on the visible patches, decoder with `mask_token`, sin-cos tables, pixel loss
+  LVViT  conv stem with BatchNorm, blocks scaled by 1 / skip_lam, `head` + 0.5 * max of `aux_head`
+
+Images are NCHW, as torch takes them.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+  def __init__(self, dim, heads, qkv_bias=True):
+    super().__init__()
+    self.heads = heads
+    self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+    self.proj = nn.Linear(dim, dim)
+
+  def forward(self, x):
+    b, n, d = x.shape
+    q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+    weights = torch.softmax((q * (d // self.heads) ** -0.5) @ k.transpose(-2, -1), dim=-1)
+    return self.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+  def __init__(self, dim, hidden):
+    super().__init__()
+    self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+  def forward(self, x):
+    return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+
+
+class Block(nn.Module):
+  def __init__(self, dim, heads, hidden, *, qkv_bias=True, eps=1e-6, skip_lam=1.0):
+    super().__init__()
+    self.skip_lam = skip_lam
+    self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
+    self.attn, self.mlp = Attention(dim, heads, qkv_bias), Mlp(dim, hidden)
+
+  def forward(self, x):
+    x = x + self.attn(self.norm1(x)) / self.skip_lam
+    return x + self.mlp(self.norm2(x)) / self.skip_lam
+
+
+class PatchEmbed(nn.Module):
+  def __init__(self, channels, dim, patch):
+    super().__init__()
+    self.proj = nn.Conv2d(channels, dim, patch, patch)
+
+  def forward(self, x):
+    return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ViT(nn.Module):
+  """DeiT's and MAE fine-tuning's ViT (timm 0.3.2 names); `num_classes=0`: the normalised tokens."""
+
+  def __init__(self, *, grid, patch, dim, depth, heads, hidden, num_classes, channels=3, distilled=False,
+               global_pool=False, norm=True):
+    super().__init__()
+    self.distilled, self.global_pool = distilled, global_pool
+    self.patch_embed = PatchEmbed(channels, dim, patch)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+    if distilled:
+      self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
+    self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1 + int(distilled), dim))
+    self.blocks = nn.ModuleList([Block(dim, heads, hidden) for _ in range(depth)])
+    if global_pool:
+      self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+    elif norm:
+      self.norm = nn.LayerNorm(dim, eps=1e-6)
+    if num_classes:
+      self.head = nn.Linear(dim, num_classes)
+      if distilled:
+        self.head_dist = nn.Linear(dim, num_classes)
+    self.num_classes = num_classes
+
+  def forward(self, images):
+    x = self.patch_embed(images)
+    prefix = [self.cls_token] + ([self.dist_token] if self.distilled else [])
+    x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1) + self.pos_embed
+    for blk in self.blocks:
+      x = blk(x)
+    if self.global_pool:
+      return self.head(self.fc_norm(x[:, 1:].mean(dim=1)))
+    x = self.norm(x) if hasattr(self, "norm") else x
+    if not self.num_classes:
+      return x
+    if self.distilled:
+      return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+    return self.head(x[:, 0])
+
+
+def sincos_table(dim, grid, cls_token=True):
+  """MAE's fixed table: the first half of the channels encodes the column, the second the row;
+  each half is [sin, cos] at frequencies 10000^(-k / (dim / 4)); a zero row for the class token."""
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+  rows, cols = np.meshgrid(np.arange(grid[0], dtype=np.float64), np.arange(grid[1], dtype=np.float64), indexing="ij")
+  half = lambda pos: np.concatenate([np.sin(np.outer(pos.ravel(), omega)), np.cos(np.outer(pos.ravel(), omega))], 1)
+  table = np.concatenate([half(cols), half(rows)], axis=1)
+  if cls_token:
+    table = np.concatenate([np.zeros((1, dim)), table], axis=0)
+  return torch.from_numpy(table[None].astype(np.float32))
+
+
+class MAE(nn.Module):
+  """The MAE release's pre-training model (`mae_visualize_vit_*.pth`, `*_full.pth` names)."""
+
+  def __init__(self, *, grid, patch, dim, depth, heads, decoder_dim, decoder_depth, decoder_heads, channels=3,
+               mask_ratio=0.75, norm_pix_loss=False):
+    super().__init__()
+    self.patch, self.mask_ratio, self.norm_pix_loss = patch, mask_ratio, norm_pix_loss
+    self.patch_embed = PatchEmbed(channels, dim, patch)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+    self.pos_embed = nn.Parameter(sincos_table(dim, grid), requires_grad=False)
+    self.blocks = nn.ModuleList([Block(dim, heads, 4 * dim) for _ in range(depth)])
+    self.norm = nn.LayerNorm(dim, eps=1e-6)
+    self.decoder_embed = nn.Linear(dim, decoder_dim)
+    self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+    self.decoder_pos_embed = nn.Parameter(sincos_table(decoder_dim, grid), requires_grad=False)
+    self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, 4 * decoder_dim)
+                                         for _ in range(decoder_depth)])
+    self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+    self.decoder_pred = nn.Linear(decoder_dim, patch * patch * channels)
+
+  def patchify(self, images):
+    b, c, h, w = images.shape
+    p = self.patch
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+  def forward(self, images, noise):
+    x = self.patch_embed(images) + self.pos_embed[:, 1:]
+    b, length, d = x.shape
+    keep = int(length * (1 - self.mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    x = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, d))
+    mask = torch.ones(b, length)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1), x], dim=1)
+    for blk in self.blocks:
+      x = blk(x)
+    x = self.decoder_embed(self.norm(x))
+    tokens = torch.cat([x[:, 1:], self.mask_token.expand(b, length - keep, -1)], dim=1)
+    tokens = torch.gather(tokens, 1, ids_restore[:, :, None].expand(-1, -1, x.shape[2]))
+    x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
+    for blk in self.decoder_blocks:
+      x = blk(x)
+    pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
+    target = self.patchify(images)
+    if self.norm_pix_loss:
+      target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    loss = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+    return loss, pred, mask
+
+
+class LVViTStem(nn.Module):
+  def __init__(self, channels, width, dim, patch):
+    super().__init__()
+    self.conv1 = nn.Conv2d(channels, width, 7, 2, 3, bias=False)
+    self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+    self.conv3 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+    self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(width), nn.BatchNorm2d(width), nn.BatchNorm2d(width)
+    self.proj = nn.Conv2d(width, dim, patch // 2, patch // 2)
+
+  def forward(self, x):
+    for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
+      x = F.relu(bn(conv(x)))
+    return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class LVViT(nn.Module):
+  """The LV-ViT release's classifier; returns (logits, token logits [B, patches, classes])."""
+
+  def __init__(self, *, grid, patch, dim, depth, heads, num_classes, skip_lam, stem_width=64, channels=3):
+    super().__init__()
+    self.patch_embed = LVViTStem(channels, stem_width, dim, patch)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+    self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1, dim))
+    self.blocks = nn.ModuleList([Block(dim, heads, 3 * dim, qkv_bias=False, eps=1e-5, skip_lam=skip_lam)
+                                 for _ in range(depth)])
+    self.norm = nn.LayerNorm(dim, eps=1e-5)
+    self.head, self.aux_head = nn.Linear(dim, num_classes), nn.Linear(dim, num_classes)
+
+  def forward(self, images):
+    x = self.patch_embed(images)
+    x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+    for blk in self.blocks:
+      x = blk(x)
+    x = self.norm(x)
+    tokens = self.aux_head(x[:, 1:])
+    return self.head(x[:, 0]) + 0.5 * tokens.max(dim=1)[0], tokens
+
+
+def perturb_(model, scale=0.1, seed=0):
+  """Every trainable parameter and every BatchNorm running statistic moved away from its initial value."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      if p.requires_grad:
+        p.add_(scale * torch.randn(p.shape, generator=gen))
+    for m in model.modules():
+      if isinstance(m, nn.BatchNorm2d):
+        m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=gen))
+        m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+        m.num_batches_tracked.fill_(123)
+  return model.eval()
