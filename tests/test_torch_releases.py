@@ -260,3 +260,91 @@ def test_unsupported_timm_options_are_named(tmp_path):
   deit3 = dict(sd, **{"blocks.0.gamma_1": torch.ones(48), "blocks.0.gamma_2": torch.ones(48)})
   with pytest.raises(ParamMismatchError, match="DeiT-III"):
     load_variables(save_release(tmp_path / "deit3.pth", deit3))
+
+
+# ------------------------------------------------------------------------------------- convert
+
+def test_convert_releases_keeps_what_each_target_can_hold(tmp_path, capsys):
+  from vit_jax import checkpoint
+  from vit_jax.interop import convert
+  torch.manual_seed(7)
+  lv = ref.perturb_(ref.LVViT(**LV_SIZE))
+  lv_path = save_release(tmp_path / "lvvit_s.pth.tar", state_dict(lv), "bare")
+  assert convert.main(["--input", lv_path, "--to", "orbax", "--output", str(tmp_path / "lv"),
+                       "--config", "num_heads=4,residual_scale=2"]) == 0
+  variables, saved = checkpoint.load_variables(tmp_path / "lv")
+  expected, _ = load_variables(lv_path, hints=LV_HINTS)
+  assert_bitwise(variables, expected)  # the BatchNorm statistics travel with the weights
+  assert saved["model"]["residual_scale"] == 2.0
+  assert convert.main(["--input", lv_path, "--to", "vit_jax_npz", "--output", str(tmp_path / "lv.npz"),
+                       "--config", "num_heads=4,residual_scale=2"]) == 2
+  assert "BatchNorm statistics" in capsys.readouterr().err and not (tmp_path / "lv.npz").exists()
+
+  mae = ref.perturb_(ref.MAE(**MAE_SIZE, norm_pix_loss=True))
+  mae_path = save_release(tmp_path / "mae_pretrain_vit_tiny_full.pth", state_dict(mae))
+  spec = "num_heads=4,decoder_heads=4,norm_pix_loss=true"
+  assert convert.main(["--input", mae_path, "--to", "hf", "--output", str(tmp_path / "hf"), "--config", spec]) == 0
+  assert convert.main(["--input", mae_path, "--to", "orbax", "--output", str(tmp_path / "o"), "--config", spec]) == 0
+  from_hf, saved_hf = load_variables(tmp_path / "hf")
+  from_orbax, saved_orbax = checkpoint.load_variables(tmp_path / "o")
+  direct, _ = load_variables(mae_path, hints=dict(num_heads=4, decoder_heads=4))
+  assert_bitwise(from_hf, direct)
+  assert_bitwise(from_orbax, direct)
+  assert saved_orbax["task"] == "mae" and saved_hf["model"]["norm_pix_loss"] and saved_orbax["model"]["norm_pix_loss"]
+  assert convert.main(["--input", mae_path, "--to", "timm", "--output", str(tmp_path / "t"), "--config", spec]) == 2
+  assert "converts to orbax or hf" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_trainer_fine_tunes_an_mae_release(tmp_path):
+  """`configs/mae.py:mode=finetune,init=mae_visualize_*.pth`: at lr 0 the encoder leaves training as the file has it."""
+  from configs.mae import get_config
+  from vit_jax import checkpoint
+  from vit_jax.train import trainer
+  torch.manual_seed(8)
+  theirs = ref.perturb_(ref.MAE(grid=(4, 4), patch=2, dim=64, depth=1, heads=4, decoder_dim=32, decoder_depth=2,
+                                decoder_heads=4, channels=1, mlp_ratio=2))
+  path = save_release(tmp_path / "mae_visualize_vit_digits.pth", state_dict(theirs))
+  c = get_config(f"mode=finetune,init={path}")
+  c.update(dict(total_steps=2, log_steps=2, eval_steps=2, checkpoint_steps=2, num_devices=1, batch_size=16))
+  c.model.depth = 1
+  c.optim.lr = 0.0
+  c.optim.schedule.warmup_steps, c.optim.schedule.min_lr = 0, 0.0
+  c.data.data_dir = str(tmp_path / "tfds")
+  trainer.train_and_evaluate(c, str(tmp_path / "ft"))
+  tuned = flatten(checkpoint.load(tmp_path / "ft")[0])
+  np.testing.assert_array_equal(tuned["cls"], theirs.cls_token.detach().numpy())
+  np.testing.assert_array_equal(tuned["embedding/kernel"],
+                                theirs.patch_embed.proj.weight.detach().numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(tuned["Transformer/encoderblock_0/MlpBlock_0/Dense_1/bias"],
+                                theirs.blocks[0].mlp.fc2.bias.detach().numpy())
+  assert "fc_norm/scale" in tuned and not any(k.startswith(("Decoder/", "decoder_")) for k in tuned)
+
+
+@pytest.mark.slow
+def test_trainer_fine_tunes_an_lvvit_release_with_its_batchnorm_statistics(tmp_path):
+  """`--config.init.path=lvvit.pth.tar` into the conv-stem digits model: weights and running statistics
+  both come from the file (at lr 0 the weights stay; the statistics move on from the file's)."""
+  from configs.vit import get_config
+  from vit_jax import checkpoint
+  from vit_jax.train import trainer
+  torch.manual_seed(9)
+  theirs = ref.perturb_(ref.LVViT(grid=(4, 4), patch=2, dim=16, depth=1, heads=2, num_classes=10, skip_lam=1.0,
+                                  stem_width=8, channels=1))
+  path = save_release(tmp_path / "lvvit.pth.tar", state_dict(theirs), "bare")
+  c = get_config()
+  c.update(dict(total_steps=2, log_steps=2, eval_steps=2, checkpoint_steps=2, num_devices=1, batch_size=16))
+  c.model.update(dict(width=16, depth=1, mlp_dim=48, num_heads=2, stem_width=8, qkv_bias=False, layer_norm_eps=1e-5,
+                      pool_type="token", token_head=True))
+  c.init.update(dict(path=path, reinit_head=False))
+  c.optim.lr = 0.0
+  c.optim.schedule.warmup_steps, c.optim.schedule.min_lr = 0, 0.0
+  c.data.data_dir = str(tmp_path / "tfds")
+  trainer.train_and_evaluate(c, str(tmp_path / "ft"))
+  variables, _ = checkpoint.load_variables(tmp_path / "ft")
+  np.testing.assert_array_equal(variables["params"]["aux_head"]["kernel"], theirs.aux_head.weight.detach().numpy().T)
+  for i in range(3):
+    ours = variables["batch_stats"]["stem"][f"BatchNorm_{i}"]["mean"]
+    file = getattr(theirs.patch_embed, f"bn{i + 1}").running_mean.numpy()
+    # Two updates at momentum 0.9 keep 0.81 of the file's statistics; started from zeros, none of them.
+    assert np.corrcoef(ours, file)[0, 1] > 0.9, i

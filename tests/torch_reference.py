@@ -117,18 +117,18 @@ class MAE(nn.Module):
   """The MAE release's pre-training model (`mae_visualize_vit_*.pth`, `*_full.pth` names)."""
 
   def __init__(self, *, grid, patch, dim, depth, heads, decoder_dim, decoder_depth, decoder_heads, channels=3,
-               mask_ratio=0.75, norm_pix_loss=False):
+               mask_ratio=0.75, norm_pix_loss=False, mlp_ratio=4):
     super().__init__()
     self.patch, self.mask_ratio, self.norm_pix_loss = patch, mask_ratio, norm_pix_loss
     self.patch_embed = PatchEmbed(channels, dim, patch)
     self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
     self.pos_embed = nn.Parameter(sincos_table(dim, grid), requires_grad=False)
-    self.blocks = nn.ModuleList([Block(dim, heads, 4 * dim) for _ in range(depth)])
+    self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio * dim) for _ in range(depth)])
     self.norm = nn.LayerNorm(dim, eps=1e-6)
     self.decoder_embed = nn.Linear(dim, decoder_dim)
     self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
     self.decoder_pos_embed = nn.Parameter(sincos_table(decoder_dim, grid), requires_grad=False)
-    self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, 4 * decoder_dim)
+    self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, mlp_ratio * decoder_dim)
                                          for _ in range(decoder_depth)])
     self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
     self.decoder_pred = nn.Linear(decoder_dim, patch * patch * channels)
