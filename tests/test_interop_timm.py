@@ -128,3 +128,39 @@ def test_vit_b16_through_the_convert_command(tmp_path):
     got = ref(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
   assert np.array_equal(got.argmax(1), want.argmax(1)) and np.std(want) > 0.1
+
+
+@pytest.mark.parametrize("kw, timm_kw", [
+    (dict(), dict(class_token=True, global_pool="token")),
+    (dict(pool_type="gap", fc_norm=True, class_token=True), dict(class_token=True, global_pool="avg", fc_norm=True)),
+    (dict(pool_type="map"), dict(class_token=False, global_pool="map")),
+    (dict(layer_scale_init=0.1), dict(class_token=True, global_pool="token", init_values=0.1)),
+    (dict(distilled=True), None),
+], ids=["token", "fc_norm", "map", "layerscale", "distilled"])
+def test_timm_models_import_with_their_logits(tmp_path, kw, timm_kw):
+  """The other direction: a timm model built by timm, every parameter perturbed, saved as `.pth` and
+  `.safetensors`, read without torch; our logits within 2e-5 of timm's."""
+  from safetensors.torch import save_file
+
+  from vit_jax.interop import load_variables
+  torch.manual_seed(0)
+  common = dict(img_size=(32, 48), patch_size=8, embed_dim=48, depth=3, num_heads=4, mlp_ratio=2.0, num_classes=7)
+  if timm_kw is None:
+    model = timm.create_model("deit_base_distilled_patch16_224", pretrained=False, **common)
+  else:
+    model = timm.models.vision_transformer.VisionTransformer(**common, **timm_kw)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  model.eval()
+  with torch.no_grad():
+    theirs = model(IMAGES_T).numpy()
+  sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+  torch.save({"model": sd, "epoch": 1}, tmp_path / "m.pth")
+  save_file(sd, str(tmp_path / "m.safetensors"))
+  for name in ("m.pth", "m.safetensors"):
+    variables, saved = load_variables(tmp_path / name, hints={"num_heads": 4, "image_size": (32, 48)})
+    s = saved["model"]
+    assert s["pool_type"] == kw.get("pool_type", "token") and s["distilled"] == kw.get("distilled", False)
+    got = np.asarray(VisionTransformer(**s).apply(variables, IMAGES)[0])
+    assert np.max(np.abs(got - theirs)) <= TOL, name

@@ -48,6 +48,9 @@ COVERED = {
     "configs/birnn.py": "tests/test_seq2seq_train.py::test_birnn_digits_classifier",
     "vit_jax.interop.convert": "tests/test_convert.py::test_command_line_entry_point; notebooks/export.ipynb",
     "--config.init.path=model.pth": "tests/test_torch_import.py::test_main_fine_tunes_from_a_pth_file",
+    "init=mae_pretrain_vit_base.pth": "tests/test_torch_releases.py::test_trainer_fine_tunes_an_mae_release",
+    "--input lvvit_s": "tests/test_torch_releases.py::test_convert_releases_keeps_what_each_target_can_hold",
+    "--input mae_visualize": "tests/test_torch_releases.py::test_convert_releases_keeps_what_each_target_can_hold",
     "bench/vit_step.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
     "bench/decode.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
     # Timing and multi-run studies of minutes each (`make bench`), built from pieces tested elsewhere.

@@ -199,6 +199,11 @@ def test_deit_release_distilled_gives_torch_logits(tmp_path):
   assert saved["model"]["distilled"] and saved["image_size"] == [32, 32]
   with torch.no_grad():
     assert_close(VisionTransformer(**saved["model"]).apply(variables, IMAGES)[0], theirs(NCHW), "DeiT logits")
+  # The same file as a distillation teacher.
+  from vit_jax.train import tasks
+  model, teacher = tasks.load_teacher(str(tmp_path / "deit_distilled.pth"), 6, {"num_heads": 4})
+  with torch.no_grad():
+    assert_close(model.apply(teacher, IMAGES)[0], theirs(NCHW), "DeiT teacher logits")
 
 
 # -------------------------------------------------------------------------------------- LV-ViT

@@ -119,25 +119,22 @@ class MaskedPretraining:
 
 
 def load_teacher(path: str, num_classes: int, overrides: Mapping[str, Any] | None = None):
-  """`(model, variables)` of a trained classifier: our checkpoint directory or a published `.npz`."""
-  from vit_jax import checkpoint, files
-  from vit_jax.interop import common, npz
+  """`(model, variables)` of a trained classifier: our checkpoint directory, a published `.npz`, or
+  PyTorch weights (`.pth`, `.safetensors`, a Hugging Face / timm folder)."""
+  from vit_jax import files
+  from vit_jax.interop import load_variables
 
   if not path:
-    raise ValueError("The distill task needs a teacher: set config.distill.teacher to a checkpoint directory "
-                     "or an .npz file.")
-  where = files.path(path)  # local or gs://...
-  if where.is_dir():
-    variables, saved = checkpoint.load_variables(path)
-    if "model" not in saved:
-      raise ValueError(f"{path!r} has no saved model settings; set config.distill.teacher_model.")
-    settings = dict(saved["model"])
-  elif where.exists():
-    params = npz.load_npz(path)
-    variables, settings = {"params": params}, common.infer_settings(params)
-  else:
+    raise ValueError("The distill task needs a teacher: set config.distill.teacher to a checkpoint directory, "
+                     "an .npz or a PyTorch file.")
+  if not files.path(path).exists():  # local or gs://...
     raise FileNotFoundError(f"No teacher checkpoint at {path!r}.")
-  settings.update(dict(overrides or {}))
+  variables, saved = load_variables(path, hints=dict(overrides or {}))
+  if saved.get("task") == "mae":
+    raise ValueError(f"{path!r} is a masked autoencoder, not a classifier: distil from a trained classifier.")
+  settings = dict(saved.get("model") or {}, **dict(overrides or {}))
+  if not settings:
+    raise ValueError(f"{path!r} has no saved model settings; set config.distill.teacher_model.")
   if settings.get("num_classes") != num_classes:
     raise ValueError(f"The teacher at {path!r} predicts {settings.get('num_classes')} classes, the data has "
                      f"{num_classes}: distil from a teacher trained on the same labels.")
