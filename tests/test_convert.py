@@ -131,11 +131,15 @@ def test_scanned_native_checkpoint_converts(tmp_path):
 
 
 def test_package_never_imports_torch(tmp_path):
+  """Exporting, and reading PyTorch weights back, with torch installed but never imported."""
   _, _, work = native(tmp_path)
   code = ("import sys; from vit_jax.interop import convert; "
           f"assert convert.main(['--input', {work!r}, '--to', 'hf', '--output', {str(tmp_path / 'hf')!r}]) == 0; "
           "assert convert.main(['--input', " + repr(work) + ", '--to', 'timm', '--output', "
           + repr(str(tmp_path / 'timm')) + "]) == 0; "
+          "from vit_jax.interop import official, torch_file, torch_import; "  # and reading them back
+          "assert convert.main(['--input', " + repr(str(tmp_path / 'hf')) + ", '--to', 'orbax', '--output', "
+          + repr(str(tmp_path / 'back')) + "]) == 0; "
           "bad = [m for m in ('torch', 'transformers', 'timm') if m in sys.modules]; assert not bad, bad")
   done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                         env=dict(os.environ, PYTHONPATH=ROOT))

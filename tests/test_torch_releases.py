@@ -194,11 +194,11 @@ def test_deit_release_distilled_gives_torch_logits(tmp_path):
   torch.manual_seed(4)
   theirs = ref.perturb_(ref.ViT(grid=(4, 4), patch=8, dim=48, depth=2, heads=4, hidden=192, num_classes=6,
                                 distilled=True))
-  variables, saved = load_variables(save_release(tmp_path / "deit_distilled.pth", state_dict(theirs)),
-                                    hints={"num_heads": 4})
-  assert saved["model"]["distilled"] and saved["image_size"] == [32, 32]
-  with torch.no_grad():
-    assert_close(VisionTransformer(**saved["model"]).apply(variables, IMAGES)[0], theirs(NCHW), "DeiT logits")
+  for name, how in (("deit_distilled.pth", "wrapped"), ("deit_distilled.safetensors", "safetensors")):
+    variables, saved = load_variables(save_release(tmp_path / name, state_dict(theirs), how), hints={"num_heads": 4})
+    assert saved["model"]["distilled"] and saved["image_size"] == [32, 32]
+    with torch.no_grad():
+      assert_close(VisionTransformer(**saved["model"]).apply(variables, IMAGES)[0], theirs(NCHW), f"DeiT ({name})")
   # The same file as a distillation teacher.
   from vit_jax.train import tasks
   model, teacher = tasks.load_teacher(str(tmp_path / "deit_distilled.pth"), 6, {"num_heads": 4})
