@@ -7,8 +7,8 @@ from here.  `python -m configs.models` prints the model-zoo table of the README.
     >>> model = create_model("B/16", num_classes=10)
 """
 
-from vit_jax.models.variants import (DEIT, LVVIT, SIZES, ZOO, count_params, create_model, decode_variant,  # noqa: F401
-                                     family_settings, get_config, zoo_table)
+from vit_jax.models.variants import (DEIT, LVVIT, SIZES, SWIN, ZOO, count_params, create_model,  # noqa: F401
+                                     decode_variant, family_settings, get_config, swin_settings, zoo_table)
 
 if __name__ == "__main__":
   print(zoo_table())

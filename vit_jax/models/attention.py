@@ -201,7 +201,12 @@ class MultiHeadAttention(nn.Module):
     v_features: total value width (heads * d_v); default `qk_features`.
     out_features: output width d_o; default e_q.
     use_bias: biases on the query/key/value projections.
+    key_bias: a bias on the key projection (default: `use_bias`); Swin V2 has
+      query and value biases only.
     out_bias: bias on the output projection.
+    qk_norm: None, or "cosine" (Swin V2): queries and keys are L2-normalised per
+      head and their cosine similarity is scaled per head by
+      `exp(min(logit_scale, log 100))`, `logit_scale [heads]` learned from log 10.
     dropout_rate: dropout on the attention probabilities.
     broadcast_dropout: share that dropout mask over batch and heads.
     implementation: `None` / "xla" / "cudnn" for `jax.nn.dot_product_attention`.
@@ -211,7 +216,9 @@ class MultiHeadAttention(nn.Module):
   v_features: int | None = None
   out_features: int | None = None
   use_bias: bool = True
+  key_bias: bool | None = None
   out_bias: bool = True
+  qk_norm: Literal[None, "cosine"] = None
   dropout_rate: float = 0.0
   broadcast_dropout: bool = False
   implementation: str | None = None
@@ -244,11 +251,11 @@ class MultiHeadAttention(nn.Module):
         raise ValueError(f"{name}={width} is not divisible by num_heads={h}.")
     dk, dv = qk // h, vf // h
 
-    def proj(name, width, features):
-      return _Projection((width, h, features), 1, self.use_bias, self.kernel_init, self.bias_init,
+    def proj(name, width, features, use_bias=self.use_bias):
+      return _Projection((width, h, features), 1, use_bias, self.kernel_init, self.bias_init,
                          self.param_dtype, name=name)()
     wq, bq = proj("query", inputs_q.shape[-1], dk)
-    wk, bk = proj("key", inputs_k.shape[-1], dk)
+    wk, bk = proj("key", inputs_k.shape[-1], dk, self.use_bias if self.key_bias is None else self.key_bias)
     wv, bv = proj("value", inputs_v.shape[-1], dv)
     wo, bo = _Projection((h, dv, out_features), 2, self.out_bias, self.kernel_init, self.bias_init,
                          self.param_dtype, name="out")()
@@ -264,7 +271,9 @@ class MultiHeadAttention(nn.Module):
     if self_attention and dk == dv:
       # One [e, 3 * heads * d] matmul instead of three: same parameters, fewer passes over x.
       w = jnp.concatenate([a.reshape(a.shape[0], -1) for a in (wq, wk, wv)], axis=1)
-      b = None if bq is None else jnp.concatenate([bq.reshape(-1), bk.reshape(-1), bv.reshape(-1)])
+      zero = lambda w: jnp.zeros((w.shape[1] * w.shape[2],), w.dtype)
+      b = None if bq is None and bk is None else jnp.concatenate(
+          [zero(w) if bb is None else bb.reshape(-1) for w, bb in ((wq, bq), (wk, bk), (wv, bv))])
       q, k, v = jnp.split(matmul(x_q, w, b), 3, axis=-1)
     else:
       q, k, v = matmul(x_q, wq, bq), matmul(x_k, wk, bk), matmul(x_v, wv, bv)
@@ -272,9 +281,17 @@ class MultiHeadAttention(nn.Module):
     k = k.reshape(k.shape[:-1] + (h, dk))
     v = v.reshape(v.shape[:-1] + (h, dv))
 
+    scale = None
+    if self.qk_norm == "cosine":
+      logit_scale = self.param("logit_scale", nn.initializers.constant(np.log(10.0)), (h,), self.param_dtype)
+      unit = lambda a: a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+      per_head = jnp.exp(jnp.minimum(logit_scale, np.log(100.0))).astype(q.dtype)
+      q, k, scale = unit(q) * per_head[:, None], unit(k), 1.0
+    elif self.qk_norm is not None:
+      raise ValueError(f"Unknown qk_norm {self.qk_norm!r}: choose None or 'cosine'.")
     use_dropout = self.dropout_rate > 0.0 and not deterministic
     result = dot_product_attention(
-        q, k, v, bias=bias, mask=mask, is_causal=is_causal, dropout_rate=self.dropout_rate,
+        q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale, dropout_rate=self.dropout_rate,
         dropout_rng=self.make_rng("dropout") if use_dropout else None, deterministic=deterministic,
         broadcast_dropout=self.broadcast_dropout, return_weights=return_weights,
         implementation=self.implementation, precision=self.precision)

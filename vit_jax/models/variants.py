@@ -12,7 +12,8 @@ accepted too.
 Named family members are accepted as well: "DeiT-Ti" / "DeiT-S" / "DeiT-B" (the
 ViT sizes at patch 16; "DeiT-B-distilled" adds the distillation token) and
 "LV-ViT-T" / "-S" / "-M" / "-L" (conv stem, MLP ratio 3, no qkv bias, residual
-scaling, LayerNorm eps 1e-5 and the token-labeling head).
+scaling, LayerNorm eps 1e-5 and the token-labeling head).  Swin names ("Swin-T", "SwinV2-B-w16",
+...; `swin_settings`) give `SwinTransformer` settings with `family="swin"`.
 
 `python -m configs.models` prints the model-zoo table of the README.  The table lives in the
 package (configs import it from here), so an installed vit_jax resolves variant names without the
@@ -45,6 +46,34 @@ LVVIT: dict[str, dict[str, Any]] = {
     "L": dict(width=768, depth=24, num_heads=12, residual_scale=3.0, stem_width=128),
 }
 DEIT = {"Ti": "Ti/16", "S": "S/16", "B": "B/16"}
+
+# Swin (Liu et al. 2021, Table 1 / reference configs) and Swin V2 (2022): C, depths, heads.
+SWIN: dict[str, dict[str, Any]] = {
+    "T": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "S": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "B": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "L": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+}
+SWIN_DROP_PATH = {"T": 0.2, "S": 0.3, "B": 0.5, "L": 0.2}  # the ImageNet-1k recipes (L: its 22k recipe)
+_SWIN = re.compile(r"^Swin(?P<v2>V2)?-(?P<size>[TSBL])(?:-w(?P<window>\d+))?$")
+
+
+def swin_settings(variant: str) -> dict[str, Any] | None:
+  """`SwinTransformer` settings of "Swin-T" / "-S" / "-B" / "-L" (window 7; "-w12": window 12, for 384 px)
+  and "SwinV2-T" / "-S" / "-B" (window 8 at 256 px; "-w16"), with `family="swin"`; None for other names."""
+  m = _SWIN.match(variant.strip())
+  if not m:
+    if variant.strip().startswith("Swin"):
+      raise ValueError(f"Unknown variant {variant!r}: choose Swin-T/S/B/L or SwinV2-T/S/B, optionally with a "
+                       "window suffix such as '-w12'.")
+    return None
+  v2, size = bool(m.group("v2")), m.group("size")
+  if v2 and size == "L":
+    raise ValueError("SwinV2-L was released only pre-trained at window 12 on ImageNet-22k; build it with "
+                     "family='swin', version=2 and the Swin-L sizes.")
+  window = int(m.group("window") or (8 if v2 else 7))
+  return dict(SWIN[size], family="swin", version=2 if v2 else 1, window_size=window, patch_size=4,
+              drop_path_rate=SWIN_DROP_PATH[size])
 
 _VARIANT = re.compile(r"^(?:ViT-)?(?P<size>[A-Za-z]+)[/_](?P<ph>\d+)(?:x(?P<pw>\d+))?$")
 
@@ -99,9 +128,14 @@ def get_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
 
 
 def create_model(variant: str, **overrides: Any):
-  """A `VisionTransformer` for `variant` (see `get_config`)."""
+  """A `VisionTransformer` for `variant` (see `get_config`), or a `SwinTransformer` for a Swin name."""
   from vit_jax.models.vit import VisionTransformer
 
+  swin = swin_settings(variant)
+  if swin is not None:
+    from vit_jax.models.swin import SwinTransformer
+    swin.pop("family")
+    return SwinTransformer(**dict(swin, **overrides))
   return VisionTransformer(**get_config(variant, **overrides).to_dict())
 
 

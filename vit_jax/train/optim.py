@@ -96,19 +96,31 @@ def _match(patterns: Sequence[tuple[str, float]], key: str, default: float) -> f
 
 
 def layer_ids(params: Mapping[str, Any]) -> dict[str, int]:
-  """Per parameter: 0 for embeddings, i + 1 for encoder block i (unrolled), L + 1 after the encoder."""
+  """Per parameter: 0 for embeddings, i + 1 for encoder block i (unrolled), L + 1 after the encoder.
+
+  Swin's blocks `stage_s/block_j` are numbered in order over the stages, and the patch merging at the
+  end of stage s shares the id of that stage's last block (as Swin fine-tuning recipes count them).
+  """
   flat = flatten(params)
-  blocks = {int(m.group(1)) for k in flat if (m := re.search(r"encoderblock_(\d+)/", k))}
-  depth = len(blocks)
   if any("encoderblock/" in k for k in flat):
     raise ValueError("layer_decay needs unrolled blocks (model scan=False): a scanned block shares one "
                      "parameter across layers.")
+  stage_depths: dict[int, int] = {}
+  for k in flat:
+    if m := re.search(r"^stage_(\d+)/block_(\d+)/", k):
+      stage_depths[int(m[1])] = max(stage_depths.get(int(m[1]), 0), int(m[2]) + 1)
+  before = {s: sum(d for t, d in stage_depths.items() if t < s) for s in stage_depths}
+  blocks = {int(m.group(1)) for k in flat if (m := re.search(r"encoderblock_(\d+)/", k))}
+  depth = len(blocks) + sum(stage_depths.values())
   ids = {}
   for k in flat:
-    m = re.search(r"encoderblock_(\d+)/", k)
-    if m:
+    if m := re.search(r"encoderblock_(\d+)/", k):
       ids[k] = int(m.group(1)) + 1
-    elif re.search(r"^(embedding|stem|cls|dist_token|Transformer/posembed_input)(/|$)", k):
+    elif m := re.search(r"^stage_(\d+)/block_(\d+)/", k):
+      ids[k] = before[int(m[1])] + int(m[2]) + 1
+    elif m := re.search(r"^stage_(\d+)/merge/", k):
+      ids[k] = before[int(m[1])] + stage_depths[int(m[1])]
+    elif re.search(r"^(embedding|embedding_norm|stem|cls|dist_token|Transformer/posembed_input)(/|$)", k):
       ids[k] = 0
     else:
       ids[k] = depth + 1

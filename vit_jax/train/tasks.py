@@ -37,14 +37,18 @@ from vit_jax.train import losses
 
 
 def build_classifier(settings: Mapping[str, Any]):
-  """A classifier from its settings: a ViT, or `family="birnn"` for the row-by-row bi-directional RNN."""
+  """A classifier from its settings: a ViT, `family="swin"` for a Swin Transformer (V1 or V2), or
+  `family="birnn"` for the row-by-row bi-directional RNN."""
   settings = dict(settings)
   family = settings.pop("family", "vit")
   if family == "vit":
     return VisionTransformer(**settings)
+  if family == "swin":
+    from vit_jax.models.swin import SwinTransformer
+    return SwinTransformer(**settings)
   if family == "birnn":
     return BiRNNClassifier(**settings)
-  raise ValueError(f"Unknown model family {family!r}: choose 'vit' or 'birnn'.")
+  raise ValueError(f"Unknown model family {family!r}: choose 'vit', 'swin' or 'birnn'.")
 
 
 class Classification:

@@ -397,7 +397,8 @@ def _load_init(config, state, state_sharding):
 
   init = config.init
   h, w = _image_size(config)
-  ph, pw = interop_common.model_settings(dict(config.model))["patch_size"]
+  patch = dict(config.model).get("patch_size", 1)  # any family's
+  ph, pw = (int(patch), int(patch)) if np.ndim(patch) == 0 else tuple(patch)
   # The fresh variables, whole on every host, are the template (and the new head's initial values);
   # under FSDP over several processes they are gathered first.  Batch statistics come along.
   template = {"params": multihost.to_host(state["params"]), **multihost.to_host(state["extra"])}

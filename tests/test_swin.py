@@ -1,0 +1,149 @@
+"""Swin V1 / V2: the window helpers against their definitions, parameter counts against the papers'
+models, and logits / attention against Hugging Face's `Swin(v2)ForImageClassification` with every
+parameter perturbed, on non-square inputs and maps the window does not divide."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.helpers import random_params
+from vit_jax.interop import swin as swin_interop
+from vit_jax.interop import torch_file
+from vit_jax.interop.tree import flatten
+from vit_jax.models import swin
+from vit_jax.models.swin import SwinTransformer
+from vit_jax.models.variants import create_model, swin_settings
+
+
+def test_relative_position_index_is_the_offset_table_row():
+  # (dh + w - 1) * (2w - 1) + (dw + w - 1) for a 2x2 window, written out.
+  np.testing.assert_array_equal(swin.relative_position_index(2), [[4, 3, 1, 0], [5, 4, 2, 1], [7, 6, 4, 3],
+                                                                    [8, 7, 5, 4]])
+  # A window smaller than the table reads its centre: the zero offset stays at the table's centre row.
+  assert np.all(np.diag(swin.relative_position_index(3, table_window=7)) == 6 * 13 + 6)
+
+
+def test_shift_mask_separates_the_regions_a_roll_brings_together():
+  # 8x8 map, window 4, shift 2: region labels 0000 1122 (4 rows), 3333 4455 (2 rows), 6666 7788 (2 rows).
+  rows = [[0, 0, 0, 0, 1, 1, 2, 2]] * 4 + [[3, 3, 3, 3, 4, 4, 5, 5]] * 2 + [[6, 6, 6, 6, 7, 7, 8, 8]] * 2
+  labels = np.array(rows)
+  windows = [labels[r:r + 4, c:c + 4].ravel() for r in (0, 4) for c in (0, 4)]
+  expected = np.stack([np.where(w[:, None] == w[None, :], 0.0, -100.0) for w in windows])
+  np.testing.assert_array_equal(swin.shift_mask(8, 8, 4, 2), expected)
+
+
+def test_window_partition_round_trips_and_clipping_follows_the_smaller_side():
+  x = jnp.arange(2 * 8 * 12 * 3, dtype=jnp.float32).reshape(2, 8, 12, 3)
+  w = swin.window_partition(x, 4)
+  assert w.shape == (2, 6, 16, 3)
+  np.testing.assert_array_equal(w[0, 1, :4, 0], x[0, 0, 4:8, 0])  # window (0, 1), its first row
+  np.testing.assert_array_equal(swin.window_reverse(w, 4, 8, 12), x)
+  assert swin.clip_window((4, 6), 7, 3) == (4, 0) and swin.clip_window((8, 9), 7, 3) == (7, 3)
+
+
+COUNTS = {  # 1000 classes; Swin: the papers' 28M / 50M / 88M / 197M, exactly as timm and Hugging Face count
+    ("Swin-T", 224): 28_288_354, ("Swin-S", 224): 49_606_258, ("Swin-B", 224): 87_768_224,
+    ("Swin-B-w12", 384): 87_903_584, ("Swin-L", 224): 196_532_476,
+    ("SwinV2-T", 256): 28_347_154, ("SwinV2-S", 256): 49_728_418, ("SwinV2-B", 256): 87_918_816,
+    ("SwinV2-B-w16", 256): 87_918_816}
+
+
+@pytest.mark.parametrize("variant, size", sorted(COUNTS), ids=[f"{v}@{r}" for v, r in sorted(COUNTS)])
+def test_variant_parameter_counts(variant, size):
+  model = create_model(variant, num_classes=1000)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  assert sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes["params"])) == COUNTS[(variant, size)]
+  assert swin_settings(variant)["family"] == "swin"
+
+
+CASES = {  # name: (version, image size, depths, heads, window, pretrained windows)
+    "v1-clipped-last-stage": (1, (64, 64), (2, 2, 2), (2, 4, 8), 4, None),
+    "v1-wide-padded": (1, (64, 96), (2, 2), (2, 4), 5, None),
+    "v1-tall-padded": (1, (96, 64), (2, 2), (2, 4), 5, None),
+    "v2-clipped-last-stage": (2, (64, 64), (2, 2, 2), (2, 4, 8), 4, None),
+    "v2-wide-padded": (2, (64, 96), (2, 2), (2, 4), 5, None),
+    "v2-pretrained-window": (2, (64, 96), (2, 2, 2), (2, 4, 8), 5, [3, 3, 3]),
+}
+
+
+def hf_model(version, size, depths, heads, window, pretrained):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  kw = dict(image_size=list(size), patch_size=4, embed_dim=16, depths=list(depths), num_heads=list(heads),
+            window_size=window, num_labels=5, layer_norm_eps=1e-5, drop_path_rate=0.0)
+  if pretrained:
+    kw["pretrained_window_sizes"] = pretrained
+  v2 = version == 2
+  config = (transformers.Swinv2Config if v2 else transformers.SwinConfig)(**kw)
+  config._attn_implementation = "eager"  # the path that returns attention weights
+  torch.manual_seed(0)
+  model = (transformers.Swinv2ForImageClassification if v2 else transformers.SwinForImageClassification)(config)
+  with torch.no_grad():
+    for p in model.parameters():  # every parameter away from its initial value (bias tables, logit scales too)
+      p.add_(0.1 * torch.randn_like(p))
+  return model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_hugging_face_swin_logits_and_attention(tmp_path, case):
+  import torch
+  version, size, *_ = CASES[case]
+  theirs = hf_model(*CASES[case])
+  theirs.save_pretrained(tmp_path)  # the hub's names
+  torch.save(theirs.state_dict(), tmp_path / "in_memory_names.pth")  # transformers 5's names
+  config = json.loads((tmp_path / "config.json").read_text())
+  images = np.random.default_rng(1).standard_normal((2, *size, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = theirs(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), output_attentions=True)
+  for weights in ("model.safetensors", "in_memory_names.pth"):
+    params, settings, got_size = swin_interop.from_hf(torch_file.load(tmp_path / weights), config)
+    assert got_size == size and settings["version"] == version
+    logits, out = SwinTransformer(**settings).apply({"params": params}, images, return_attention=True)
+    assert np.max(np.abs(np.asarray(logits) - ref.logits.numpy())) <= 2e-5, weights
+  # Hugging Face returns each stage's last block: stage 0's second block is the shifted one.
+  ours = np.asarray(out["attention_weights"][1])
+  assert np.max(np.abs(ours.reshape(-1, *ours.shape[2:]) - ref.attentions[0].numpy())) <= 1e-5
+  assert [f.shape[1:3] for f in out["stages"]] == [(size[0] // 4 >> i, size[1] // 4 >> i) for i in range(len(out["stages"]))]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_export_then_import_is_bit_exact(version):
+  settings = dict(num_classes=5, embed_dim=16, depths=(2, 1), num_heads=(2, 4), window_size=4, version=version,
+                  pretrained_window_size=(3, 0) if version == 2 else 0)
+  images = np.zeros((1, 32, 48, 3), np.float32)
+  params = random_params(SwinTransformer(**settings), images)
+  sd = swin_interop.hf_state_dict(params, settings)
+  back, got, size = swin_interop.from_hf(sd, swin_interop.hf_config(settings, (32, 48)))
+  assert size == (32, 48) and got["pretrained_window_size"] == tuple(np.broadcast_to(settings["pretrained_window_size"], 2))
+  a, b = flatten(params), flatten(back)
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert np.asarray(a[k]).tobytes() == np.asarray(b[k], np.float32).tobytes(), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, size", [("Swin-T", 224), ("Swin-S", 224), ("Swin-B", 224), ("Swin-L", 224),
+                                           ("SwinV2-T", 256), ("SwinV2-S", 256), ("SwinV2-B", 256)])
+def test_released_sizes_have_hugging_face_key_sets(variant, size):
+  """Every tensor of the full-size Hugging Face model, by name and shape, and nothing else (shapes only)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  s = swin_settings(variant)
+  s.pop("family")
+  s = dict(s, num_classes=1000, drop_path_rate=0.0)
+  cfg = swin_interop.hf_config(s, size)
+  cls = getattr(transformers, cfg["architectures"][0])
+  with torch.device("meta"):
+    theirs = cls(getattr(transformers, "Swinv2Config" if s["version"] == 2 else "SwinConfig")(**{
+        k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "dtype")}))
+  expected = {k: tuple(v.shape) for k, v in swin_interop.hf_legacy_names(theirs.state_dict()).items()}
+  model = SwinTransformer(**s)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]
+  zeros = jax.tree_util.tree_map(lambda a: np.broadcast_to(np.float32(0), a.shape), shapes)
+  ours = {k: v.shape for k, v in swin_interop.hf_state_dict(zeros, s).items()}
+  assert sorted(set(ours) ^ set(expected)) == []
+  assert {k: tuple(v) for k, v in ours.items()} == expected
