@@ -147,3 +147,41 @@ def test_released_sizes_have_hugging_face_key_sets(variant, size):
   ours = {k: v.shape for k, v in swin_interop.hf_state_dict(zeros, s).items()}
   assert sorted(set(ours) ^ set(expected)) == []
   assert {k: tuple(v) for k, v in ours.items()} == expected
+
+
+def test_convert_and_fine_tune_from_hugging_face_swin_folders(tmp_path):
+  from vit_jax import checkpoint
+  from vit_jax.interop import convert, load_pretrained
+  settings = dict(num_classes=5, embed_dim=16, depths=(2, 1), num_heads=(2, 4), window_size=4, version=2)
+  images = np.zeros((1, 32, 32, 3), np.float32)
+  params = random_params(SwinTransformer(**settings), images)
+  swin_interop.save_hf(params, settings, tmp_path / "hf", 32)
+  assert convert.main(["--input", str(tmp_path / "hf"), "--to", "orbax", "--output", str(tmp_path / "o")]) == 0
+  back, saved = checkpoint.load(tmp_path / "o")
+  assert saved["model"]["family"] == "swin" and saved["image_size"] == [32, 32]
+  assert all(np.array_equal(v, flatten(params)[k]) for k, v in flatten(back).items())
+  assert convert.main(["--input", str(tmp_path / "hf"), "--to", "timm", "--output", str(tmp_path / "t")]) == 2
+  # Fine-tuning on 3 classes: everything but the head comes from the folder.
+  init = random_params(SwinTransformer(**dict(settings, num_classes=3)), images, rng=1)
+  loaded = load_pretrained(str(tmp_path / "hf"), init, reinit_head=True)
+  np.testing.assert_array_equal(loaded["head"]["kernel"], init["head"]["kernel"])
+  np.testing.assert_array_equal(loaded["stage_1"]["block_0"]["attention"]["logit_scale"],
+                                params["stage_1"]["block_0"]["attention"]["logit_scale"])
+
+
+@pytest.mark.slow
+def test_configs_swin_trains_through_the_trainer_with_layer_decay(tmp_path):
+  from configs.swin import get_config
+  from vit_jax.train import optim, trainer
+  c = get_config("version=2,runlocal")
+  c.update(dict(num_devices=1, batch_size=16))
+  c.optim.layer_decay = 0.75
+  c.data.data_dir = str(tmp_path / "tfds")
+  final = trainer.train_and_evaluate(c, str(tmp_path / "run"))
+  assert 0.0 <= final["eval/accuracy"] <= 1.0
+  params = random_params(SwinTransformer(**{k: v for k, v in c.model.to_dict().items() if k != "family"},
+                                         num_classes=10), np.zeros((1, 8, 8, 1), np.float32))
+  ids = optim.layer_ids(params)
+  assert ids["embedding/kernel"] == 0 and ids["stage_0/block_1/MlpBlock_0/Dense_0/kernel"] == 2
+  assert ids["stage_0/merge/reduction/kernel"] == 2 and ids["stage_1/block_0/attention/query/kernel"] == 3
+  assert ids["head/kernel"] == 5

@@ -359,6 +359,10 @@ def read(sd: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None,
     args["img_size"] = hints["image_size"]
   task = None
   if "model_type" in config:  # a Hugging Face folder
+    if config["model_type"] in ("swin", "swinv2"):
+      from vit_jax.interop import swin
+      params, settings, size = swin.from_hf(sd, config, what=what)
+      return {"params": params}, {"model": dict(settings, family="swin"), "image_size": list(size)}
     if config["model_type"] == "vit_mae":
       params, settings, grid = from_hf_mae(sd, config, what=what)
       task = "mae"
