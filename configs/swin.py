@@ -31,8 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if int(a.version) not in (1, 2):
       raise ValueError(f"version={a.version!r}: choose 1 or 2.")
     c.model = ml_collections.ConfigDict(dict(
-        family="swin", version=int(a.version), patch_size=2, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
-        window_size=2, channels=1, drop_path_rate=0.1))
+        family="swin", version=int(a.version), patch_size=1, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8),
+        window_size=4, channels=1, drop_path_rate=0.1))
     return c
   settings = swin_settings(a.variant)
   if settings is None:

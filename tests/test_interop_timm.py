@@ -164,3 +164,35 @@ def test_timm_models_import_with_their_logits(tmp_path, kw, timm_kw):
     assert s["pool_type"] == kw.get("pool_type", "token") and s["distilled"] == kw.get("distilled", False)
     got = np.asarray(VisionTransformer(**s).apply(variables, IMAGES)[0])
     assert np.max(np.abs(got - theirs)) <= TOL, name
+
+
+@pytest.mark.parametrize("version, size, depths, heads", [
+    (1, (64, 64), (2, 2, 2), (2, 4, 8)), (1, (64, 96), (2, 2), (2, 4)),
+    (2, (64, 64), (2, 2, 2), (2, 4, 8)), (2, (64, 96), (2, 2), (2, 4))],
+    ids=["v1-clipped-last-stage", "v1-wide", "v2-clipped-last-stage", "v2-wide"])
+def test_swin_exports_to_and_imports_from_timm(version, size, depths, heads):
+  """timm builds the model from our arguments and loads our state dict strictly: the same logits
+  (maps the window divides: timm rolls before padding); its own perturbed weights import back exactly."""
+  from vit_jax.interop import swin as swin_interop
+  from vit_jax.models.swin import SwinTransformer
+  settings = dict(num_classes=5, embed_dim=16, depths=depths, num_heads=heads, window_size=4, version=version,
+                  pretrained_window_size=3 if version == 2 else 0)
+  images = np.random.default_rng(2).standard_normal((2, *size, 3)).astype(np.float32)
+  params = random_params(SwinTransformer(**settings), images, scale=0.1)
+  cls, args = swin_interop.timm_model_args(settings, size)
+  module = timm.models.swin_transformer_v2 if version == 2 else timm.models.swin_transformer
+  model = getattr(module, cls)(**args).eval()
+  missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in
+                                               swin_interop.timm_state_dict(params, settings).items()}, strict=False)
+  assert not unexpected and all(k.endswith(("relative_position_index", "relative_coords_table", "attn_mask", "k_bias"))
+                                for k in missing), (missing, unexpected)
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+  ours = np.asarray(SwinTransformer(**settings).apply({"params": params}, images)[0])
+  assert np.max(np.abs(ours - theirs)) <= TOL
+  with torch.no_grad():  # timm's own weights, every one perturbed, back into our tree
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+    theirs = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+  back = swin_interop.from_timm({k: v.numpy() for k, v in model.state_dict().items()}, settings, size)
+  assert np.max(np.abs(np.asarray(SwinTransformer(**settings).apply({"params": back}, images)[0]) - theirs)) <= TOL

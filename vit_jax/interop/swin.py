@@ -184,3 +184,86 @@ def from_hf(sd: Mapping[str, np.ndarray], config: Mapping[str, Any], *,
   shapes = {k: tuple(v.shape) for k, v in flatten(shapes["params"]).items()}
   params = import_state_dict(sd, lambda p: hf_state_dict(p, settings), shapes, what=what)
   return params, settings, size
+
+
+# ---------------------------------------------------------------------------------------- timm
+
+def timm_model_args(settings: Mapping[str, Any], image_size: Sequence[int] | int) -> tuple[str, dict[str, Any]]:
+  """`(timm class, keyword arguments)`: `swin_transformer.SwinTransformer` or `swin_transformer_v2.SwinTransformerV2`.
+
+  timm rolls the map before padding it and clips the window per side, where Hugging Face and we pad
+  first and clip by the smaller side: on maps the window divides and that are larger than it (or
+  equal to it on both sides) the two agree exactly.
+  """
+  s = settings_of(settings)
+  size = (image_size, image_size) if np.ndim(image_size) == 0 else tuple(image_size)
+  if s["activation"] != "gelu":
+    raise ValueError(f"timm's Swin uses exact GELU; this model has activation={s['activation']!r}.")
+  if s["layer_norm_eps"] != 1e-5:
+    raise ValueError(f"timm's Swin uses LayerNorm eps 1e-5; this model has {s['layer_norm_eps']}.")
+  args: dict[str, Any] = dict(
+      img_size=[int(v) for v in size], patch_size=int(s["patch_size"]), in_chans=int(s["channels"]),
+      num_classes=int(s["num_classes"] or 0), embed_dim=int(s["embed_dim"]), depths=[int(d) for d in s["depths"]],
+      num_heads=[int(h) for h in s["num_heads"]], window_size=int(s["window_size"]), mlp_ratio=float(s["mlp_ratio"]),
+      qkv_bias=bool(s["qkv_bias"]))
+  if s["version"] == 2:
+    pre = s["pretrained_window_size"]
+    args["pretrained_window_sizes"] = [int(p) for p in (pre if np.ndim(pre) else [pre] * len(s["depths"]))]
+    return "SwinTransformerV2", args
+  return "SwinTransformer", args
+
+
+def timm_state_dict(params: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Our `SwinTransformer` tree -> timm's state dict (its current layout: merging opens stages 1..)."""
+  s = settings_of(settings)
+  sd = named("patch_embed.proj", torch_conv(params["embedding"]))
+  sd.update(named("patch_embed.norm", torch_norm(params["embedding_norm"])))
+  for i, depth in enumerate(s["depths"]):
+    stage = params[f"stage_{i}"]
+    for j in range(depth):
+      blk, p = stage[f"block_{j}"], f"layers.{i}.blocks.{j}"
+      att, rel = blk["attention"], blk["relative_position_bias"]
+      q, k, v = (torch_heads_in(att[n]) for n in ("query", "key", "value"))
+      sd[f"{p}.attn.qkv.weight"] = contiguous(np.concatenate([q["weight"], k["weight"], v["weight"]]))
+      if s["version"] == 1:
+        if "bias" in q:
+          sd[f"{p}.attn.qkv.bias"] = contiguous(np.concatenate([q["bias"], k["bias"], v["bias"]]))
+        sd[f"{p}.attn.relative_position_bias_table"] = contiguous(rel["table"])
+      else:
+        if "bias" in q:
+          sd[f"{p}.attn.q_bias"], sd[f"{p}.attn.v_bias"] = q["bias"], v["bias"]
+        sd[f"{p}.attn.logit_scale"] = contiguous(np.asarray(att["logit_scale"]).reshape(-1, 1, 1))
+        sd.update(named(f"{p}.attn.cpb_mlp.0", torch_linear(rel["Dense_0"])))
+        sd.update(named(f"{p}.attn.cpb_mlp.2", torch_linear(rel["Dense_1"])))
+      sd.update(named(f"{p}.attn.proj", torch_heads_out(att["out"])))
+      sd.update(named(f"{p}.norm1", torch_norm(blk["LayerNorm_0"])))
+      sd.update(named(f"{p}.norm2", torch_norm(blk["LayerNorm_1"])))
+      sd.update(named(f"{p}.mlp.fc1", torch_linear(blk["MlpBlock_0"]["Dense_0"])))
+      sd.update(named(f"{p}.mlp.fc2", torch_linear(blk["MlpBlock_0"]["Dense_1"])))
+    if "merge" in stage:  # timm: the next stage's downsample
+      sd.update(named(f"layers.{i + 1}.downsample.norm", torch_norm(stage["merge"]["norm"])))
+      sd.update(named(f"layers.{i + 1}.downsample.reduction", torch_linear(stage["merge"]["reduction"])))
+  sd.update(named("norm", torch_norm(params["norm"])))
+  if s["num_classes"]:
+    sd.update(named("head.fc", torch_linear(params["head"])))
+  return sd
+
+
+def from_timm(sd: Mapping[str, np.ndarray], settings: Mapping[str, Any], image_size: Sequence[int] | int, *,
+              what: str = "timm state dict") -> dict[str, Any]:
+  """Our tree from a timm Swin / Swin V2 state dict of a model with these `settings` (the inverse of
+  `timm_state_dict`; timm's recomputed buffers are ignored)."""
+  import jax
+  import jax.numpy as jnp
+
+  from vit_jax.interop.torch_import import import_state_dict
+  from vit_jax.interop.tree import flatten
+  from vit_jax.models.swin import SwinTransformer
+
+  s = settings_of(settings)
+  size = (image_size, image_size) if np.ndim(image_size) == 0 else tuple(image_size)
+  model = SwinTransformer(**s)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *size, s["channels"]))))
+  shapes = {k: tuple(v.shape) for k, v in flatten(shapes["params"]).items()}
+  return import_state_dict(dict(sd), lambda p: timm_state_dict(p, s), shapes, what=what,
+                           ignore=r"(relative_position_index|relative_coords_table|attn_mask|k_bias)$")
