@@ -55,6 +55,7 @@ COVERED = {
     "bench/vit_step.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
     "bench/decode.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
     # Timing and multi-run studies of minutes each (`make bench`), built from pieces tested elsewhere.
+    "bench/swin_step.py": "tests/test_swin.py (the model and the Hugging Face model it times)",
     "bench/mae_step.py": "tests/test_mae.py (the MAE step it times, in the trainer)",
     "bench/input_pipeline.py": "tests/test_data.py (the pipeline), tests/test_train.py (the step)",
     "bench/mae_digits.py": "tests/test_mae.py::test_pretrain_finetune_linear_probe_chain (the same runs, tiny)",

@@ -185,3 +185,19 @@ def test_configs_swin_trains_through_the_trainer_with_layer_decay(tmp_path):
   assert ids["embedding/kernel"] == 0 and ids["stage_0/block_1/MlpBlock_0/Dense_0/kernel"] == 2
   assert ids["stage_0/merge/reduction/kernel"] == 2 and ids["stage_1/block_0/attention/query/kernel"] == 3
   assert ids["head/kernel"] == 5
+
+
+def test_fine_tuning_at_a_new_window_resizes_v1_bias_tables_as_torch_bicubic(tmp_path):
+  torch = pytest.importorskip("torch")
+  from vit_jax import checkpoint
+  from vit_jax.interop import load_pretrained
+  settings = dict(num_classes=5, embed_dim=16, depths=(2,), num_heads=(2,), window_size=4)
+  params = random_params(SwinTransformer(**settings), np.zeros((1, 32, 32, 3), np.float32))
+  checkpoint.save(tmp_path / "w4", params, config={"model": dict(settings, family="swin")})
+  bigger = dict(settings, window_size=6)
+  init = random_params(SwinTransformer(**bigger), np.zeros((1, 48, 48, 3), np.float32), rng=1)
+  got = load_pretrained(str(tmp_path / "w4"), init)["stage_0"]["block_1"]["relative_position_bias"]["table"]
+  old = params["stage_0"]["block_1"]["relative_position_bias"]["table"]  # [49, 2] -> [121, 2]
+  ref = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(old).T.reshape(1, 2, 7, 7).copy()), size=(11, 11),
+                                        mode="bicubic", align_corners=False)[0].reshape(2, -1).T.numpy()
+  assert got.shape == (121, 2) and np.max(np.abs(got - ref)) <= 1e-5

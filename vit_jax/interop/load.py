@@ -146,6 +146,26 @@ def adapt_posemb(loaded: Mapping[str, Any], init: Mapping[str, Any], *, mode: st
   return out
 
 
+def adapt_relative_tables(loaded: Mapping[str, Any], init: Mapping[str, Any]) -> dict[str, Any]:
+  """`loaded` with every Swin V1 relative position bias table resized (bicubic) to the window of
+  `init`'s where the two differ; V2's continuous bias takes any window as it is."""
+  from vit_jax.interop.posemb import resize_relative_bias_table
+  from vit_jax.interop.tree import flatten, unflatten
+
+  flat, want = flatten(loaded), flatten(init)
+  changed = {}
+  for k, v in flat.items():
+    if k.endswith("relative_position_bias/table") and k in want and np.shape(v) != np.shape(want[k]) \
+        and np.shape(v)[1:] == np.shape(want[k])[1:]:
+      window = (int(np.sqrt(np.shape(want[k])[0])) + 1) // 2
+      changed[k] = resize_relative_bias_table(v, window)
+  if not changed:
+    return dict(loaded)
+  logging.info("Resized %d relative position bias tables to window %d.", len(changed),
+               (int(np.sqrt(next(iter(changed.values())).shape[0])) + 1) // 2)
+  return unflatten({**flat, **changed})
+
+
 def load_pretrained(source: str | os.PathLike | Mapping[str, Any], init_params: Mapping[str, Any], *,
                     dont_load: Iterable[str] | str = (), reinit_head: bool = False,
                     posemb_resize: str | None = "vit_jax", grid: Sequence[int] | None = None,
@@ -187,6 +207,7 @@ def load_pretrained_variables(source: str | os.PathLike | Mapping[str, Any], ini
     patterns += HEAD_PATTERNS
   if posemb_resize is not None:
     loaded = adapt_posemb(loaded, init_params, mode=posemb_resize, grid=grid, source_grid=source_grid)
+    loaded = adapt_relative_tables(loaded, init_params)
   what = f"checkpoint {os.fspath(source)!r}" if not isinstance(source, Mapping) else "checkpoint"
   out = {"params": merge_params(loaded, init_params, dont_load=patterns, what=what)}
   for collection, init in init_variables.items():

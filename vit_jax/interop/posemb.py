@@ -64,3 +64,39 @@ def resize_posemb(posemb, grid: Sequence[int], *, num_prefix_tokens: int = 0,
       raise AssertionError(f"resize produced {table.shape[:2]}, wanted {(nh, nw)}")
   table = table.reshape(1, nh * nw, -1).astype(posemb.dtype)
   return np.concatenate([prefix, table], axis=1)
+
+
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+  """Keys' cubic convolution weights for the 4 taps at offsets -1, 0, 1, 2 from floor (torch's A = -0.75)."""
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def _cubic_resize_axis(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+  """Resize one axis as torch's `interpolate(mode="bicubic", align_corners=False)` does (borders clamped)."""
+  n = x.shape[axis]
+  src = (np.arange(size, dtype=np.float64) + 0.5) * (n / size) - 0.5
+  base = np.floor(src).astype(int)
+  weights = _cubic_weights(src - base)  # [size, 4]
+  taps = np.clip(base[:, None] + np.arange(-1, 3)[None, :], 0, n - 1)  # [size, 4]
+  moved = np.moveaxis(x, axis, 0)
+  out = np.einsum("sk,sk...->s...", weights, moved[taps])
+  return np.moveaxis(out, 0, axis)
+
+
+def resize_relative_bias_table(table, window: int) -> np.ndarray:
+  """Swin V1's `[(2w - 1)², heads]` relative position bias table for a new `window`, by bicubic
+  interpolation of each head's `(2w - 1) x (2w - 1)` offset grid (torch's bicubic, as the Swin
+  reference code resizes it when fine-tuning at another window size)."""
+  table = np.asarray(table)
+  side = math.isqrt(table.shape[0])
+  if table.ndim != 2 or side * side != table.shape[0] or side % 2 == 0:
+    raise ValueError(f"Expected a [(2w - 1)^2, heads] table, got shape {table.shape}.")
+  new = 2 * int(window) - 1
+  grid = table.astype(np.float64).reshape(side, side, -1)
+  if new != side:
+    grid = _cubic_resize_axis(_cubic_resize_axis(grid, new, 0), new, 1)
+  return grid.reshape(new * new, -1).astype(table.dtype)
