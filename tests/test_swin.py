@@ -175,6 +175,7 @@ def test_configs_swin_trains_through_the_trainer_with_layer_decay(tmp_path):
   from vit_jax.train import optim, trainer
   c = get_config("version=2,runlocal")
   c.update(dict(num_devices=1, batch_size=16))
+  c.model.update(dict(depths=(2, 1), num_heads=(2, 4)))  # a shifted block, a merge and a clipped stage
   c.optim.layer_decay = 0.75
   c.data.data_dir = str(tmp_path / "tfds")
   final = trainer.train_and_evaluate(c, str(tmp_path / "run"))
@@ -184,7 +185,7 @@ def test_configs_swin_trains_through_the_trainer_with_layer_decay(tmp_path):
   ids = optim.layer_ids(params)
   assert ids["embedding/kernel"] == 0 and ids["stage_0/block_1/MlpBlock_0/Dense_0/kernel"] == 2
   assert ids["stage_0/merge/reduction/kernel"] == 2 and ids["stage_1/block_0/attention/query/kernel"] == 3
-  assert ids["head/kernel"] == 5
+  assert ids["head/kernel"] == 4
 
 
 def test_fine_tuning_at_a_new_window_resizes_v1_bias_tables_as_torch_bicubic(tmp_path):
