@@ -23,7 +23,6 @@ from etils import epath
 from vit_jax import files
 from vit_jax.checkpoint import settings_to_json
 from vit_jax.data import input_pipeline, score_maps
-from vit_jax.interop import common as interop_common
 from vit_jax.train import resume
 from vit_jax.train import metrics as metrics_lib
 from vit_jax.train import multihost, optim, sharding, tasks
