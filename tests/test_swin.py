@@ -202,3 +202,34 @@ def test_fine_tuning_at_a_new_window_resizes_v1_bias_tables_as_torch_bicubic(tmp
   ref = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(old).T.reshape(1, 2, 7, 7).copy()), size=(11, 11),
                                         mode="bicubic", align_corners=False)[0].reshape(2, -1).T.numpy()
   assert got.shape == (121, 2) and np.max(np.abs(got - ref)) <= 1e-5
+
+
+def test_window_maps_put_each_windows_attention_back_on_the_map():
+  from vit_jax.evaluate.attention_maps import window_maps
+  settings = dict(num_classes=3, embed_dim=8, depths=(2,), num_heads=(2,), window_size=4, channels=1)
+  images = np.random.default_rng(0).standard_normal((1, 24, 20, 1)).astype(np.float32)  # a 6x5 map: padded
+  params = random_params(SwinTransformer(**settings), images)
+  _, out = SwinTransformer(**settings).apply({"params": params}, images, return_attention=True)
+  window, shift = swin.clip_window((6, 5), 4, 2)
+  maps = window_maps(out["attention_weights"][1], (6, 5), window, shift)
+  assert maps.shape == (1, 2, 6, 5)
+  # Each window's centre query attends only within its window, and its row sums to 1 over the window
+  # (positions that fall into the padding take the rest).
+  w = np.asarray(out["attention_weights"][1])
+  assert np.allclose(w.sum(-1), 1.0, atol=1e-5)
+  rolled = np.roll(np.pad(maps, ((0, 0), (0, 0), (0, 2), (0, 3))), (-shift, -shift), axis=(2, 3))
+  per_window = rolled.reshape(1, 2, 2, 4, 2, 4).sum(axis=(3, 5))
+  assert np.all(per_window <= 1.0 + 1e-5) and np.all(per_window > 0.0)
+
+
+def test_window_maps_place_rows_by_window_and_undo_the_shift():
+  from vit_jax.evaluate.attention_maps import window_maps
+  rng = np.random.default_rng(3)
+  weights = rng.random((1, 4, 1, 16, 16)).astype(np.float32)  # an 8x8 map in 2x2 windows of 4x4
+  q = 2 * 4 + 2
+  plain = window_maps(weights, (8, 8), 4, 0)
+  for k, (r, c) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)]):
+    np.testing.assert_array_equal(plain[0, 0, r:r + 4, c:c + 4], weights[0, k, 0, q].reshape(4, 4))
+  shifted = window_maps(weights, (8, 8), 4, 2)
+  np.testing.assert_array_equal(shifted, np.roll(plain, (2, 2), axis=(2, 3)))
+  assert window_maps(weights[:, :, :, :, :], (7, 6), 4, 0).shape == (1, 1, 7, 6)  # padding cropped

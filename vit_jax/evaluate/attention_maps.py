@@ -9,6 +9,9 @@ Rollout follows attention through the residual stream: each layer's head-average
 with the identity (A' = (A + I) / 2, rows renormalised) and the layers' matrices are multiplied from
 the first to the last, so row i says how much of token i's final representation came from each
 input token.  A map is the class token's row over the patch tokens, in the patch grid.
+
+Swin attends within windows: `window_maps` stitches one query's row of every window (its centre by
+default) over the feature map, with the block's shift undone.
 """
 
 from __future__ import annotations
@@ -67,3 +70,28 @@ def token_maps(matrix, grid: Sequence[int], *, prefix_tokens: int = 1, query: in
   else:
     raise ValueError(f"query must be a token index or 'mean', got {query!r}.")
   return row[..., prefix_tokens:].reshape(*row.shape[:-1], h, w)
+
+
+def window_maps(weights, size: Sequence[int], window: int, shift: int = 0, *, query: str | int = "center") -> np.ndarray:
+  """Swin's per-window attention stitched over the feature map: `[batch, windows, heads, N, N]` -> `[batch, heads, h, w]`.
+
+  Every window contributes the attention row of one of its query positions (`"center"`, or an index
+  into its `window * window` positions) over its own positions, so each window shows where that
+  query looks; the shift is undone and the padding cropped, so the map lies on the `size` (h, w)
+  feature map.  `window` and `shift` are the block's (`swin.clip_window(size, window_size, shift)`).
+  """
+  w = np.asarray(weights, np.float32)
+  b, n_windows, heads, n, _ = w.shape
+  if n != window * window:
+    raise ValueError(f"The weights hold windows of {n} positions, not {window}x{window}.")
+  h, wd = (int(v) for v in size)
+  hp, wp = h + (-h) % window, wd + (-wd) % window
+  if n_windows != (hp // window) * (wp // window):
+    raise ValueError(f"{n_windows} windows do not tile a {h}x{wd} map padded to {hp}x{wp}.")
+  q = (window // 2) * window + window // 2 if query == "center" else int(query)
+  rows = w[:, :, :, q, :]  # [B, windows, heads, N]
+  grid = rows.reshape(b, hp // window, wp // window, heads, window, window)
+  grid = grid.transpose(0, 3, 1, 4, 2, 5).reshape(b, heads, hp, wp)
+  if shift:
+    grid = np.roll(grid, (shift, shift), axis=(2, 3))
+  return grid[:, :, :h, :wd]
