@@ -39,7 +39,7 @@ demo: $(RUNTIME_STAMP)
 	$(PY) main.py
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -rs --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist worksteal -rs --durations=15 $(PYTEST_ARGS)
 
 test-quick: $(STAMP)
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
