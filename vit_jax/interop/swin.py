@@ -28,10 +28,6 @@ import numpy as np
 from vit_jax.interop.common import contiguous, named, torch_conv, torch_heads_in, torch_heads_out, torch_linear, torch_norm
 from vit_jax.interop.tree import ParamMismatchError
 
-SWIN_DEFAULTS = dict(num_classes=1000, patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
-                     window_size=7, mlp_ratio=4.0, version=1, pretrained_window_size=0, qkv_bias=True, channels=3,
-                     layer_norm_eps=1e-5, activation="gelu")
-
 
 def settings_of(settings: Mapping[str, Any]) -> dict[str, Any]:
   """`SwinTransformer` settings with defaults filled in."""
