@@ -39,3 +39,24 @@ def durations(config: ml_collections.ConfigDict, *names: str) -> None:
     config[f"{name}_steps"] = placeholder(int)
     config[f"{name}_epochs"] = placeholder(float)
     config[f"{name}_examples"] = placeholder(int)
+
+
+def distillation(config: ml_collections.ConfigDict, teacher: str, kind: str, name: str) -> bool:
+  """Set `config.task` / `config.distill` for `distill=hard|soft|none` (DeiT's forms); True when distilling.
+
+  `name` is the config file, for the errors.  The teacher is any classifier the loaders read, trained on
+  the same labels; `distill.teacher_model` holds setting overrides (e.g. the activation of an `.npz`).
+  """
+  if kind not in ("hard", "soft", "none"):
+    raise ValueError(f"Unknown distill={kind!r}: choose 'hard', 'soft' or 'none'.")
+  distilled = kind != "none"
+  if distilled and not teacher:
+    raise ValueError(f"{name} needs teacher=PATH (a checkpoint directory, .npz or PyTorch weights) with "
+                     f"distill={kind}, or distill=none.")
+  config.task = "distill" if distilled else "classification"
+  config.distill = ml_collections.ConfigDict(dict(teacher=teacher, type=kind if distilled else "hard",
+                                                  alpha=0.5, tau=1.0))
+  config.distill.teacher_model = ml_collections.ConfigDict()
+  if kind == "soft":
+    config.distill.update(alpha=0.1, tau=3.0)  # DeiT's soft-distillation baseline
+  return distilled

@@ -21,25 +21,15 @@ from __future__ import annotations
 import ml_collections
 
 from configs import vit
-from configs.common import parse_arg
+from configs.common import distillation, parse_arg
 from configs.models import family_settings
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = parse_arg(arg, variant="digits", dataset="digits", teacher="", distill="hard", runlocal=False)
-  if a.distill not in ("hard", "soft", "none"):
-    raise ValueError(f"Unknown distill={a.distill!r}: choose 'hard', 'soft' or 'none'.")
   base = "digits" if a.variant == "digits" else "B/16"
   c = vit.get_config(f"variant={base},dataset={a.dataset}" + (",runlocal" if a.runlocal else ""))
-  distilled = a.distill != "none"
-  c.task = "distill" if distilled else "classification"
-  c.distill = ml_collections.ConfigDict(dict(teacher=a.teacher, type=a.distill if distilled else "hard",
-                                             alpha=0.5, tau=1.0))
-  c.distill.teacher_model = ml_collections.ConfigDict()  # setting overrides, e.g. activation for an .npz
-  if distilled and not a.teacher:
-    raise ValueError("configs/deit.py needs teacher=PATH (a checkpoint directory or .npz), or distill=none.")
-  if a.distill == "soft":
-    c.distill.update(alpha=0.1, tau=3.0)  # the paper's soft-distillation baseline
+  distilled = distillation(c, a.teacher, a.distill, "configs/deit.py")
   if a.variant == "digits":
     c.model = ml_collections.ConfigDict(dict(
         width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=2, channels=1, pool_type="token",

@@ -7,6 +7,13 @@
   steps (about 5 minutes on 2 CPU cores).
   `version=2` trains the V2 block (residual post-norm, cosine attention, continuous position bias).
 
+    python main.py --config configs/swin.py:teacher=workdirs/teacher,distill=hard --workdir workdirs/swin_kd
+  DeiT-style distillation (`distill=hard` or `soft`) from any classifier our loaders read, trained on
+  the same labels (here the demo ViT of `python main.py --workdir workdirs/teacher`).  Swin has no
+  distillation token, so its one class head takes both terms: 1/2 cross-entropy with the labels plus
+  1/2 with the teacher's argmax (hard), or (1 - alpha) CE + alpha tau^2 KL (soft), as DeiT's
+  class-token-only ablation.  The teacher may itself be a Swin.
+
     python main.py --config configs/swin.py:variant=Swin-T,dataset=imagenet2012 --workdir workdirs/swin_t
   The paper's ImageNet-1k recipe: AdamW, lr 1e-3 at batch 1024 (5e-4 x batch / 512), weight decay
   0.05, 20 warmup epochs then cosine to 5e-6, 300 epochs, gradient clipping at 5, label smoothing
@@ -22,14 +29,15 @@ from __future__ import annotations
 import ml_collections
 
 from configs import vit
-from configs.common import parse_arg
+from configs.common import distillation, parse_arg
 from configs.models import swin_settings
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = parse_arg(arg, variant="digits", dataset="digits", version=1, runlocal=False)
+  a = parse_arg(arg, variant="digits", dataset="digits", version=1, teacher="", distill="none", runlocal=False)
   if a.variant == "digits":
     c = vit.get_config(f"variant=digits,dataset={a.dataset}" + (",runlocal" if a.runlocal else ""))
+    distillation(c, a.teacher, a.distill, "configs/swin.py")
     if int(a.version) not in (1, 2):
       raise ValueError(f"version={a.version!r}: choose 1 or 2.")
     c.model = ml_collections.ConfigDict(dict(
@@ -42,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if settings is None:
     raise ValueError(f"configs/swin.py takes a Swin variant (Swin-T, SwinV2-B, ...) or 'digits', got {a.variant!r}.")
   c = vit.get_config(f"variant=B/16,dataset={a.dataset}" + (",runlocal" if a.runlocal else ""))
+  distillation(c, a.teacher, a.distill, "configs/swin.py")
   c.model = ml_collections.ConfigDict(settings)
   size = 384 if settings["window_size"] == 12 else 256 if settings["version"] == 2 else 224
   c.data.image_size = size

@@ -170,16 +170,62 @@ def test_convert_and_fine_tune_from_hugging_face_swin_folders(tmp_path):
 
 
 @pytest.mark.slow
-def test_configs_swin_trains_through_the_trainer_with_layer_decay(tmp_path):
+def log_softmax(z):
+  z = np.asarray(z, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.fixture(scope="module")
+def swin_teacher(tmp_path_factory):
+  """A Swin classifier saved as the trainer saves one (random weights: the tests check the plumbing)."""
+  from vit_jax import checkpoint
+  settings = dict(num_classes=10, patch_size=1, embed_dim=8, depths=(2,), num_heads=(2,), window_size=4, channels=1)
+  params = random_params(SwinTransformer(**settings), np.zeros((1, 8, 8, 1), np.float32), rng=3)
+  path = tmp_path_factory.mktemp("swin_teacher") / "teacher"
+  checkpoint.save(path, params, config={"model": dict(settings, family="swin")})
+  return str(path), settings, params
+
+
+def test_swin_distils_through_its_class_head(swin_teacher):
+  from configs.swin import get_config
+  from vit_jax.train import tasks
+  path, t_settings, t_params = swin_teacher
+  c = get_config(f"teacher={path},distill=hard,runlocal")
+  c.model.drop_path_rate = 0.0  # deterministic in train mode, so the loss can be recomputed
+  task = tasks.TASKS[c.task](c, 10)
+  assert isinstance(task.teacher, SwinTransformer) and list(task.teacher.depths) == [2]
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((6, 8, 8, 1)).astype(np.float32)
+  labels = np.array([0, 3, 9, 3, 7, 1])
+  params = random_params(task.model, images)
+  loss, (metrics, _) = jax.jit(lambda p, b: task.loss(p, {}, b, jax.random.key(1), task.constants))(
+      params, {"image": images, "label": labels})
+  student, _ = jax.jit(task.model.apply)({"params": params}, images)
+  teacher, _ = jax.jit(SwinTransformer(**t_settings).apply)({"params": t_params}, images)
+  smooth = np.eye(10)[labels] * (1 - c.label_smoothing) + c.label_smoothing / 10
+  ls = log_softmax(student)
+  want = np.mean(0.5 * -(smooth * ls).sum(-1) + 0.5 * -ls[np.arange(6), np.argmax(teacher, -1)])
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["train/teacher_agreement"]),
+                             np.mean(np.argmax(student, -1) == np.argmax(teacher, -1)))
+  with pytest.raises(ValueError, match="Swin has no distillation token: set model.distilled=False"):
+    tasks.build_classifier(dict(c.model.to_dict(), num_classes=10, distilled=True))
+
+
+@pytest.mark.slow
+def test_configs_swin_distils_through_the_trainer_with_layer_decay(tmp_path, swin_teacher):
   from configs.swin import get_config
   from vit_jax.train import optim, trainer
-  c = get_config("version=2,runlocal")
+  c = get_config(f"version=2,teacher={swin_teacher[0]},distill=soft,runlocal")
   c.update(dict(num_devices=1, batch_size=16))
   c.model.update(dict(depths=(2, 1), num_heads=(2, 4)))  # a shifted block, a merge and a clipped stage
   c.optim.layer_decay = 0.75
   c.data.data_dir = str(tmp_path / "tfds")
   final = trainer.train_and_evaluate(c, str(tmp_path / "run"))
   assert 0.0 <= final["eval/accuracy"] <= 1.0
+  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert any("train/teacher_agreement" in r for r in rows)
   params = random_params(SwinTransformer(**{k: v for k, v in c.model.to_dict().items() if k != "family"},
                                          num_classes=10), np.zeros((1, 8, 8, 1), np.float32))
   ids = optim.layer_ids(params)

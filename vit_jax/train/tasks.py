@@ -45,6 +45,9 @@ def build_classifier(settings: Mapping[str, Any]):
     return VisionTransformer(**settings)
   if family == "swin":
     from vit_jax.models.swin import SwinTransformer
+    if settings.pop("distilled", False):
+      raise ValueError("Swin has no distillation token: set model.distilled=False; the distill task then trains "
+                       "the class head on both the labels and the teacher.")
     return SwinTransformer(**settings)
   if family == "birnn":
     return BiRNNClassifier(**settings)
@@ -123,8 +126,8 @@ class MaskedPretraining:
 
 
 def load_teacher(path: str, num_classes: int, overrides: Mapping[str, Any] | None = None):
-  """`(model, variables)` of a trained classifier: our checkpoint directory, a published `.npz`, or
-  PyTorch weights (`.pth`, `.safetensors`, a Hugging Face / timm folder)."""
+  """`(model, variables)` of a trained classifier (a ViT or a Swin): our checkpoint directory, a published
+  `.npz`, or PyTorch weights (`.pth`, `.safetensors`, a Hugging Face / timm folder)."""
   from vit_jax import files
   from vit_jax.interop import load_variables
 
@@ -142,7 +145,7 @@ def load_teacher(path: str, num_classes: int, overrides: Mapping[str, Any] | Non
   if settings.get("num_classes") != num_classes:
     raise ValueError(f"The teacher at {path!r} predicts {settings.get('num_classes')} classes, the data has "
                      f"{num_classes}: distil from a teacher trained on the same labels.")
-  return VisionTransformer(**settings), variables
+  return build_classifier(settings), variables
 
 
 class Distillation(Classification):
