@@ -279,3 +279,33 @@ def test_window_maps_place_rows_by_window_and_undo_the_shift():
   shifted = window_maps(weights, (8, 8), 4, 2)
   np.testing.assert_array_equal(shifted, np.roll(plain, (2, 2), axis=(2, 3)))
   assert window_maps(weights[:, :, :, :, :], (7, 6), 4, 0).shape == (1, 1, 7, 6)  # padding cropped
+
+
+@pytest.mark.parametrize("size", [(8, 8), (6, 5)])
+def test_window_groups_are_exactly_who_attends_whom(size):
+  from vit_jax.evaluate.attention_maps import window_groups
+  settings = dict(num_classes=3, patch_size=1, embed_dim=8, depths=(2,), num_heads=(2,), window_size=4, channels=1)
+  images = np.random.default_rng(1).standard_normal((1, *size, 1)).astype(np.float32)
+  params = random_params(SwinTransformer(**settings), images)
+  _, out = SwinTransformer(**settings).apply({"params": params}, images, return_attention=True)
+  h, w = size
+  hp, wp = h + (-h) % 4, w + (-w) % 4
+  for block, shift in ((0, 0), (1, 2)):
+    weights = np.asarray(out["attention_weights"][block])[0, :, 0]  # [windows, N, N], head 0
+    groups = window_groups(size, 4, shift)
+    assert groups.shape == size
+
+    def where(i, j):  # (window, index in window) of map position (i, j) after the roll by -shift
+      ri, rj = (i - shift) % hp, (j - shift) % wp
+      return (ri // 4) * (wp // 4) + rj // 4, (ri % 4) * 4 + rj % 4
+
+    for i in range(h):
+      for j in range(w):
+        win, q = where(i, j)
+        attends = np.zeros(size, bool)
+        for a in range(h):
+          for b in range(w):
+            win_k, k = where(a, b)
+            attends[a, b] = win_k == win and weights[win, q, k] > 1e-20
+        np.testing.assert_array_equal(attends, groups == groups[i, j], err_msg=f"block {block}, query {(i, j)}")
+  assert len(np.unique(window_groups((8, 8), 4, 2))) == 9 and len(np.unique(window_groups((8, 8), 4, 0))) == 4

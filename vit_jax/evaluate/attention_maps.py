@@ -11,7 +11,9 @@ the first to the last, so row i says how much of token i's final representation 
 input token.  A map is the class token's row over the patch tokens, in the patch grid.
 
 Swin attends within windows: `window_maps` stitches one query's row of every window (its centre by
-default) over the feature map, with the block's shift undone.
+default) over the feature map, with the block's shift undone, and `window_groups` labels the positions
+that attend each other in a block (its windows, and in a shifted block the regions a window's mask
+keeps apart).
 """
 
 from __future__ import annotations
@@ -95,3 +97,25 @@ def window_maps(weights, size: Sequence[int], window: int, shift: int = 0, *, qu
   if shift:
     grid = np.roll(grid, (shift, shift), axis=(2, 3))
   return grid[:, :, :h, :wd]
+
+
+def window_groups(size: Sequence[int], window: int, shift: int = 0) -> np.ndarray:
+  """`[h, w]` integer labels of a Swin block's attention groups on a `size` (h, w) feature map: two
+  positions attend each other exactly when their labels are equal.
+
+  The map is padded on the right and bottom to whole windows, rolled by `-shift`, cut into windows,
+  and (when shifted) each window split into the regions its mask keeps apart; the labels are rolled
+  back and the padding cropped, so they lie where the positions are.  `window` and `shift` are the
+  block's (`swin.clip_window(size, window_size, shift)`).
+  """
+  from vit_jax.models.swin import shift_regions
+
+  h, w = (int(v) for v in size)
+  hp, wp = h + (-h) % window, w + (-w) % window
+  rows, cols = np.meshgrid(np.arange(hp) // window, np.arange(wp) // window, indexing="ij")
+  labels = (rows * (wp // window) + cols) * 9  # the window, in the rolled frame
+  if shift:
+    labels = labels + shift_regions(hp, wp, window, shift)
+    labels = np.roll(labels, (shift, shift), axis=(0, 1))
+  _, labels = np.unique(labels[:h, :w], return_inverse=True)
+  return labels.reshape(h, w)

@@ -85,12 +85,18 @@ def relative_position_index(window: int, table_window: int | None = None) -> np.
   return rel[0] * (2 * t - 1) + rel[1]
 
 
+def shift_regions(h: int, w: int, window: int, shift: int) -> np.ndarray:
+  """`[h, w]` region labels of a shifted (rolled) `h` x `w` (padded) map: the last window's rows and
+  columns split at `shift`, so the positions the roll wrapped around get regions of their own."""
+  def regions(n):
+    return (np.arange(n) >= n - window).astype(int) + (np.arange(n) >= n - shift).astype(int)
+  return regions(h)[:, None] * 3 + regions(w)[None, :]
+
+
 def shift_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
   """`[windows, N, N]` additive mask of a shifted `h` x `w` (padded) map: `MASK_LOGIT` between
   positions that come from different regions of the unshifted map, 0 within one."""
-  def regions(n):
-    return (np.arange(n) >= n - window).astype(int) + (np.arange(n) >= n - shift).astype(int)
-  labels = regions(h)[:, None] * 3 + regions(w)[None, :]
+  labels = shift_regions(h, w, window, shift)
   labels = window_partition(labels[None, :, :, None], window)[0, :, :, 0]  # numpy in, numpy out
   return np.where(labels[:, :, None] == labels[:, None, :], 0.0, MASK_LOGIT).astype(np.float32)
 
