@@ -13,7 +13,7 @@ NOTEBOOKS = ROOT / "notebooks"
 # Every notebook and the figures it must write into VIT_JAX_NOTEBOOK_OUT.
 FIGURES = {
     "quickstart": ["quickstart_training_curve.png", "quickstart_predictions.png"],
-    "attention_maps": ["attention_heads.png", "attention_rollout.png"],
+    "attention_maps": ["attention_heads.png", "attention_rollout.png", "swin_windows.png"],
     "mae": ["mae_reconstructions.png", "mae_mask_ratios.png"],
     "seq2seq": ["seq2seq_alignment.png"],
     "export": ["export_logits.png"],
