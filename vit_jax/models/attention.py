@@ -12,6 +12,7 @@ Conventions used throughout this module:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Literal, Sequence
 
 import flax.linen as nn
@@ -85,6 +86,8 @@ def dot_product_attention(
     return_weights: bool = False,
     implementation: str | None = None,
     precision: Any = None,
+    logits_fn: Callable[[Array], Array] | None = None,
+    weights_fn: Callable[[Array], Array] | None = None,
 ):
   """softmax(q k^T * scale + bias) v over the key axis, per head.
 
@@ -105,6 +108,9 @@ def dot_product_attention(
       `jax.nn.dot_product_attention` on the fused path (used whenever no weights
       are requested, no dropout is active and `d_k == d_v`).
     precision: matmul precision for the explicit path.
+    logits_fn / weights_fn: maps of `[batch..., heads, q_len, kv_len]` applied to the scaled logits
+      (before bias and mask) and to the probabilities (before dropout), e.g. talking heads' mixing
+      over heads; either one selects the explicit path.
 
   Returns:
     `[batch..., q_len, heads, d_v]`, or `(that, weights)` with `return_weights`.
@@ -123,6 +129,7 @@ def dot_product_attention(
   use_dropout = dropout_rate > 0.0 and not deterministic
 
   fused = (not return_weights and not use_dropout and query.shape[-1] == value.shape[-1]
+           and logits_fn is None and weights_fn is None
            and query.ndim == 4 and (mask is None or mask.ndim <= 4) and (bias is None or bias.ndim <= 4))
   if fused:
     expand = lambda a: None if a is None else a.reshape((1,) * (4 - a.ndim) + a.shape)
@@ -138,9 +145,13 @@ def dot_product_attention(
 
   logits = jnp.einsum("...qhd,...khd->...hqk", query * jnp.asarray(scale, query.dtype), key,
                       precision=precision)
+  if logits_fn is not None:
+    logits = logits_fn(logits)
   if bias is not None:
     logits = logits + bias
   weights = masked_softmax(logits, mask).astype(value.dtype)
+  if weights_fn is not None:
+    weights = weights_fn(weights)
   probs = weights
   if use_dropout:
     if dropout_rng is None:
@@ -204,9 +215,16 @@ class MultiHeadAttention(nn.Module):
     key_bias: a bias on the key projection (default: `use_bias`); Swin V2 has
       query and value biases only.
     out_bias: bias on the output projection.
-    qk_norm: None, or "cosine" (Swin V2): queries and keys are L2-normalised per
-      head and their cosine similarity is scaled per head by
+    qk_norm: None; "layernorm" or "rmsnorm" (ViT-22B's QK normalisation, timm's
+      `qk_norm`): queries and keys are normalised over each head's channels by
+      `query_norm` / `key_norm` (`scale` [d_k], and `bias` for layernorm, shared by the
+      heads) before the usual 1/sqrt(d_k) scaling; or "cosine" (Swin V2): queries and
+      keys are L2-normalised per head and their cosine similarity is scaled per head by
       `exp(min(logit_scale, log 100))`, `logit_scale [heads]` learned from log 10.
+    qk_norm_eps: epsilon of the layernorm / rmsnorm QK normalisation.
+    talking_heads: CaiT's talking-heads attention: the scaled logits are mixed across
+      heads by `talking_heads_pre` (a heads x heads Dense with bias) before the softmax,
+      and the probabilities by `talking_heads_post` after it (not renormalised).
     dropout_rate: dropout on the attention probabilities.
     broadcast_dropout: share that dropout mask over batch and heads.
     implementation: `None` / "xla" / "cudnn" for `jax.nn.dot_product_attention`.
@@ -218,7 +236,9 @@ class MultiHeadAttention(nn.Module):
   use_bias: bool = True
   key_bias: bool | None = None
   out_bias: bool = True
-  qk_norm: Literal[None, "cosine"] = None
+  qk_norm: Literal[None, "layernorm", "rmsnorm", "cosine"] = None
+  qk_norm_eps: float = 1e-6
+  talking_heads: bool = False
   dropout_rate: float = 0.0
   broadcast_dropout: bool = False
   implementation: str | None = None
@@ -287,14 +307,27 @@ class MultiHeadAttention(nn.Module):
       unit = lambda a: a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
       per_head = jnp.exp(jnp.minimum(logit_scale, np.log(100.0))).astype(q.dtype)
       q, k, scale = unit(q) * per_head[:, None], unit(k), 1.0
+    elif self.qk_norm in ("layernorm", "rmsnorm"):
+      norm = functools.partial(nn.LayerNorm, use_fast_variance=False) if self.qk_norm == "layernorm" \
+          else nn.RMSNorm
+      q = norm(epsilon=self.qk_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="query_norm")(q)
+      k = norm(epsilon=self.qk_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="key_norm")(k)
     elif self.qk_norm is not None:
-      raise ValueError(f"Unknown qk_norm {self.qk_norm!r}: choose None or 'cosine'.")
+      raise ValueError(f"Unknown qk_norm {self.qk_norm!r}: choose None, 'layernorm', 'rmsnorm' or 'cosine'.")
+    logits_fn = weights_fn = None
+    if self.talking_heads:
+      def mix(name):
+        kernel, b = _Projection((h, h), 1, True, self.kernel_init, self.bias_init, self.param_dtype, name=name)()
+        return lambda a: (jnp.einsum("...hqk,hg->...gqk", a, cast(kernel), precision=self.precision)
+                          + cast(b)[:, None, None])
+      logits_fn, weights_fn = mix("talking_heads_pre"), mix("talking_heads_post")
     use_dropout = self.dropout_rate > 0.0 and not deterministic
     result = dot_product_attention(
         q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale, dropout_rate=self.dropout_rate,
         dropout_rng=self.make_rng("dropout") if use_dropout else None, deterministic=deterministic,
         broadcast_dropout=self.broadcast_dropout, return_weights=return_weights,
-        implementation=self.implementation, precision=self.precision)
+        implementation=self.implementation, precision=self.precision, logits_fn=logits_fn,
+        weights_fn=weights_fn)
     out, weights = result if return_weights else (result, None)
     out = out.reshape(out.shape[:-2] + (h * dv,))
     y = jnp.dot(out, cast(wo).reshape(h * dv, out_features), precision=self.precision)

@@ -72,6 +72,7 @@ class MlpBlock(nn.Module):
   activation: str = "gelu"
   dropout_rate: float = 0.0
   use_bias: bool = True
+  in_bias: bool | None = None  # the input (and gate) Dense's bias; default `use_bias`
   kernel_init: Callable = nn.initializers.xavier_uniform()
   bias_init: Callable = nn.initializers.normal(stddev=1e-6)
   dtype: Dtype | None = None
@@ -82,9 +83,10 @@ class MlpBlock(nn.Module):
     """`x: [..., width]` -> `[..., out_dim or width]`."""
     dense = functools.partial(nn.Dense, use_bias=self.use_bias, kernel_init=self.kernel_init,
                               bias_init=self.bias_init, dtype=self.dtype, param_dtype=self.param_dtype)
-    h = dense(self.mlp_dim, name="Dense_0")(x)
+    in_bias = self.use_bias if self.in_bias is None else self.in_bias
+    h = dense(self.mlp_dim, use_bias=in_bias, name="Dense_0")(x)
     if self.activation in GATED:
-      gate = dense(self.mlp_dim, name="Dense_gate")(x)
+      gate = dense(self.mlp_dim, use_bias=in_bias, name="Dense_gate")(x)
       h = get_activation(GATED[self.activation])(gate) * h
     else:
       h = get_activation(self.activation)(h)
@@ -112,6 +114,18 @@ class LayerScale(nn.Module):
     return x * gamma.astype(x.dtype)
 
 
+NORM_TYPES = ("layernorm", "rmsnorm")
+
+
+def make_norm(norm_type: str, eps: float, dtype, param_dtype, name: str) -> nn.Module:
+  """LayerNorm (`scale`, `bias`), or RMSNorm (`scale` only: no centring, no bias, as ViT-22B)."""
+  if norm_type == "layernorm":
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+  if norm_type == "rmsnorm":
+    return nn.RMSNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+  raise ValueError(f"Unknown norm_type {norm_type!r}: choose one of {NORM_TYPES}.")
+
+
 class Encoder1DBlock(nn.Module):
   """One transformer block.
 
@@ -119,6 +133,13 @@ class Encoder1DBlock(nn.Module):
   where each residual branch is `F = drop_path(layer_scale(dropout(f))) / residual_scale`
   for f in (self-attention, MLP).  `residual_scale` is LV-ViT's skip scaling
   (1.0 = off); `layer_scale_init` turns on CaiT's LayerScale (`LayerScale_{0,1}/gamma`).
+
+  ViT-22B's options: `parallel=True` computes both branches from one norm and sums them,
+  x = x + F(attention(LN(x)) + MLP(LN(x))) (`LayerNorm_0` and `LayerScale_0` only, pre-norm);
+  `qk_norm` normalises queries and keys per head; `qkv_bias=False` and `proj_bias=False` drop
+  the biases of the query / key / value and of the output and MLP projections (a parallel
+  block keeps its MLP input bias, as timm's `ParallelScalingBlock`); `norm_type="rmsnorm"`
+  makes every norm a scale-only RMSNorm.  `talking_heads` is CaiT's head mixing.
   """
   num_heads: int
   mlp_dim: int
@@ -130,6 +151,11 @@ class Encoder1DBlock(nn.Module):
   residual_scale: float = 1.0
   activation: str = "gelu"
   qkv_bias: bool = True
+  proj_bias: bool = True
+  qk_norm: str | None = None
+  talking_heads: bool = False
+  parallel: bool = False
+  norm_type: str = "layernorm"
   layer_norm_eps: float = 1e-6
   attention_impl: str | None = None
   return_weights: bool = False
@@ -145,10 +171,11 @@ class Encoder1DBlock(nn.Module):
     """
     if self.norm not in ("pre", "post"):
       raise ValueError(f"Unknown norm placement {self.norm!r}: choose 'pre' or 'post'.")
+    if self.parallel and self.norm != "pre":
+      raise ValueError("Parallel blocks are pre-norm (both branches read one LayerNorm): set norm='pre'.")
 
     def residual(x, f, idx):
-      norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name=f"LayerNorm_{idx}")
+      norm = make_norm(self.norm_type, self.layer_norm_eps, self.dtype, self.param_dtype, f"LayerNorm_{idx}")
       y = f(norm(x) if self.norm == "pre" else x)
       y = nn.Dropout(self.dropout_rate)(y, deterministic)
       if self.layer_scale_init is not None:
@@ -160,11 +187,13 @@ class Encoder1DBlock(nn.Module):
       return norm(x + y) if self.norm == "post" else x + y
 
     attn = MultiHeadAttention(
-        num_heads=self.num_heads, use_bias=self.qkv_bias, dropout_rate=self.attention_dropout_rate,
-        implementation=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="MultiHeadDotProductAttention_0")
+        num_heads=self.num_heads, use_bias=self.qkv_bias, out_bias=self.proj_bias, qk_norm=self.qk_norm,
+        qk_norm_eps=self.layer_norm_eps, talking_heads=self.talking_heads,
+        dropout_rate=self.attention_dropout_rate, implementation=self.attention_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="MultiHeadDotProductAttention_0")
     mlp = MlpBlock(self.mlp_dim, activation=self.activation, dropout_rate=self.dropout_rate,
-                   dtype=self.dtype, param_dtype=self.param_dtype, name="MlpBlock_0")
+                   use_bias=self.proj_bias, in_bias=True if self.parallel else None, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="MlpBlock_0")
     weights = []
 
     def self_attention(y):
@@ -174,8 +203,11 @@ class Encoder1DBlock(nn.Module):
         weights.append(w)
       return out
 
-    x = residual(x, self_attention, 0)
-    x = residual(x, lambda y: mlp(y, deterministic), 1)
+    if self.parallel:
+      x = residual(x, lambda y: self_attention(y) + mlp(y, deterministic), 0)
+    else:
+      x = residual(x, self_attention, 0)
+      x = residual(x, lambda y: mlp(y, deterministic), 1)
     return x, (weights[0] if weights else None)
 
 
@@ -209,6 +241,7 @@ class Encoder(nn.Module):
     remat_policy: None for no rematerialisation, or a `jax.checkpoint_policies` name
       (e.g. "nothing_saveable", "dots_saveable").
     return_weights: also return every block's attention weights.
+    proj_bias, qk_norm, talking_heads, parallel, norm_type: see `Encoder1DBlock`.
   """
   num_layers: int
   mlp_dim: int
@@ -221,6 +254,11 @@ class Encoder(nn.Module):
   residual_scale: float = 1.0
   activation: str = "gelu"
   qkv_bias: bool = True
+  proj_bias: bool = True
+  qk_norm: str | None = None
+  talking_heads: bool = False
+  parallel: bool = False
+  norm_type: str = "layernorm"
   layer_norm_eps: float = 1e-6
   learned_posemb: bool = False
   final_norm: bool | None = None
@@ -253,7 +291,9 @@ class Encoder(nn.Module):
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, norm=self.norm, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate, stochastic_depth=self.drop_path_rate > 0,
         layer_scale_init=self.layer_scale_init, residual_scale=self.residual_scale,
-        activation=self.activation, qkv_bias=self.qkv_bias, layer_norm_eps=self.layer_norm_eps,
+        activation=self.activation, qkv_bias=self.qkv_bias, proj_bias=self.proj_bias, qk_norm=self.qk_norm,
+        talking_heads=self.talking_heads, parallel=self.parallel, norm_type=self.norm_type,
+        layer_norm_eps=self.layer_norm_eps,
         attention_impl=self.attention_impl, return_weights=self.return_weights, dtype=self.dtype,
         param_dtype=self.param_dtype)
     block = Encoder1DBlock
@@ -282,8 +322,7 @@ class Encoder(nn.Module):
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
     if self.norm == "pre" if self.final_norm is None else self.final_norm:
-      x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name="encoder_norm")(x)
+      x = make_norm(self.norm_type, self.layer_norm_eps, self.dtype, self.param_dtype, "encoder_norm")(x)
     return x, out
 
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models.attention import MultiHeadAttention
-from vit_jax.models.encoder import Encoder, MlpBlock
+from vit_jax.models.encoder import Encoder, MlpBlock, make_norm
 
 Array = jax.Array
 Dtype = Any
@@ -172,6 +172,8 @@ class VisionTransformer(nn.Module):
     norm, dropout_rate, attention_dropout_rate, drop_path_rate, layer_scale_init,
       residual_scale, activation, qkv_bias, layer_norm_eps, scan, remat_policy,
       attention_impl: see `Encoder`.
+    qk_norm ("layernorm" / "rmsnorm"), parallel, proj_bias, norm_type: ViT-22B's block
+      options (see `Encoder1DBlock`); talking_heads: CaiT's head mixing.
     dtype: computation dtype (None: from the inputs/params); param_dtype: storage.
   """
   num_classes: int | None = 1000
@@ -203,6 +205,11 @@ class VisionTransformer(nn.Module):
   residual_scale: float = 1.0
   activation: str = "gelu_tanh"
   qkv_bias: bool = True
+  proj_bias: bool = True
+  qk_norm: str | None = None
+  talking_heads: bool = False
+  parallel: bool = False
+  norm_type: str = "layernorm"
   layer_norm_eps: float = 1e-6
   scan: bool = False
   remat_policy: str | None = None
@@ -285,7 +292,9 @@ class VisionTransformer(nn.Module):
         norm=self.norm, dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         drop_path_rate=self.drop_path_rate, layer_scale_init=self.layer_scale_init,
         residual_scale=self.residual_scale, activation=self.activation, qkv_bias=self.qkv_bias,
-        layer_norm_eps=self.layer_norm_eps, learned_posemb=self.posemb == "learn", scan=self.scan,
+        proj_bias=self.proj_bias, qk_norm=self.qk_norm, talking_heads=self.talking_heads, parallel=self.parallel,
+        norm_type=self.norm_type, layer_norm_eps=self.layer_norm_eps, learned_posemb=self.posemb == "learn",
+        scan=self.scan,
         remat_policy=self.remat_policy, attention_impl=self.attention_impl, return_weights=return_attention,
         final_norm=self._final_norm(), dtype=self.dtype, param_dtype=self.param_dtype,
         name="Transformer")(
@@ -298,8 +307,7 @@ class VisionTransformer(nn.Module):
     elif self.pool_type == "gap":
       pooled = jnp.mean(x[:, len(prefix):], axis=1)
       if self.fc_norm:
-        pooled = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                              name="fc_norm")(pooled)
+        pooled = make_norm(self.norm_type, self.layer_norm_eps, self.dtype, self.param_dtype, "fc_norm")(pooled)
     elif self.pool_type == "map":
       pooled = MAPHead(self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps,
                        self.attention_impl, self.dtype, self.param_dtype, name="MAPHead_0")(x)
