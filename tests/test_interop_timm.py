@@ -78,8 +78,14 @@ def test_big_vision_npz_through_load_weights(tmp_path, kw, prefix, scan):
 @pytest.mark.parametrize("kw", POOLS + [dict(pool_type="none"), dict(distilled=True), dict(layer_scale_init=0.1),
                                         dict(activation="gelu_tanh", qkv_bias=False), dict(posemb="sincos2d"),
                                         dict(num_classes=None),
-                                        dict(pool_type="gap", class_token=True, fc_norm=True, posemb="sincos2d")],
-                         ids=POOL_IDS + ["none", "deit", "layerscale", "tanh-nobias", "sincos", "headless", "mae-ft"])
+                                        dict(pool_type="gap", class_token=True, fc_norm=True, posemb="sincos2d"),
+                                        dict(qk_norm="layernorm"),
+                                        dict(parallel=True, qk_norm="layernorm", qkv_bias=False, layer_scale_init=0.1),
+                                        dict(norm_type="rmsnorm", qk_norm="rmsnorm", proj_bias=False, pool_type="gap"),
+                                        dict(parallel=True, norm_type="rmsnorm", qk_norm="rmsnorm", qkv_bias=False,
+                                             proj_bias=False)],
+                         ids=POOL_IDS + ["none", "deit", "layerscale", "tanh-nobias", "sincos", "headless", "mae-ft",
+                                         "qknorm", "parallel-vit22b", "rms-nobias", "parallel-rms-nobias"])
 def test_state_dict_loads_strictly(tmp_path, kw):
   settings, params, want = ours(**kw)
   model = timm_model(settings)
@@ -136,7 +142,11 @@ def test_vit_b16_through_the_convert_command(tmp_path):
     (dict(pool_type="map"), dict(class_token=False, global_pool="map")),
     (dict(layer_scale_init=0.1), dict(class_token=True, global_pool="token", init_values=0.1)),
     (dict(distilled=True), None),
-], ids=["token", "fc_norm", "map", "layerscale", "distilled"])
+    (dict(qk_norm="layernorm"), dict(class_token=True, global_pool="token", qk_norm=True)),
+    (dict(parallel=True, qk_norm="rmsnorm", norm_type="rmsnorm", qkv_bias=False),
+     dict(class_token=True, global_pool="token", qk_norm=True, qkv_bias=False, norm_layer="rmsnorm",
+          block_fn="parallel")),
+], ids=["token", "fc_norm", "map", "layerscale", "distilled", "qknorm", "parallel-rms"])
 def test_timm_models_import_with_their_logits(tmp_path, kw, timm_kw):
   """The other direction: a timm model built by timm, every parameter perturbed, saved as `.pth` and
   `.safetensors`, read without torch; our logits within 2e-5 of timm's."""
@@ -147,6 +157,9 @@ def test_timm_models_import_with_their_logits(tmp_path, kw, timm_kw):
   common = dict(img_size=(32, 48), patch_size=8, embed_dim=48, depth=3, num_heads=4, mlp_ratio=2.0, num_classes=7)
   if timm_kw is None:
     model = timm.create_model("deit_base_distilled_patch16_224", pretrained=False, **common)
+  elif timm_kw.get("block_fn") == "parallel":
+    timm_kw = dict(timm_kw, block_fn=timm.models.vision_transformer.ParallelScalingBlock)
+    model = timm.models.vision_transformer.VisionTransformer(**common, **timm_kw)
   else:
     model = timm.models.vision_transformer.VisionTransformer(**common, **timm_kw)
   with torch.no_grad():
@@ -162,6 +175,7 @@ def test_timm_models_import_with_their_logits(tmp_path, kw, timm_kw):
     variables, saved = load_variables(tmp_path / name, hints={"num_heads": 4, "image_size": (32, 48)})
     s = saved["model"]
     assert s["pool_type"] == kw.get("pool_type", "token") and s["distilled"] == kw.get("distilled", False)
+    assert all(s[k] == v for k, v in kw.items() if k != "layer_scale_init"), {k: s[k] for k in kw}  # gamma is read
     got = np.asarray(VisionTransformer(**s).apply(variables, IMAGES)[0])
     assert np.max(np.abs(got - theirs)) <= TOL, name
 

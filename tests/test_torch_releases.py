@@ -259,9 +259,16 @@ def test_lvvit_round_trip_hints_and_fine_tuning_with_its_statistics(tmp_path):
 def test_unsupported_timm_options_are_named(tmp_path):
   torch.manual_seed(6)
   sd = state_dict(ref.ViT(grid=(4, 4), patch=8, dim=48, depth=1, heads=4, hidden=96, num_classes=3))
-  qk = dict(sd, **{"blocks.0.attn.q_norm.weight": torch.ones(12), "blocks.0.attn.q_norm.bias": torch.zeros(12)})
-  with pytest.raises(ParamMismatchError, match="qk-norm"):
-    load_variables(save_release(tmp_path / "qk.pth", qk))
+  # QK-norm is read (its width gives the heads), and a half-present one is named.
+  qk = dict(sd, **{f"blocks.0.attn.{n}_norm.{w}": torch.full((12,), float(i)) for i, (n, w) in
+                   enumerate([("q", "weight"), ("q", "bias"), ("k", "weight"), ("k", "bias")])})
+  variables, saved = load_variables(save_release(tmp_path / "qk.pth", qk))
+  assert saved["model"]["qk_norm"] == "layernorm" and saved["model"]["num_heads"] == 4
+  assert float(variables["params"]["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]
+               ["key_norm"]["bias"][0]) == 3.0
+  half = {k: v for k, v in qk.items() if "k_norm" not in k}
+  with pytest.raises(ParamMismatchError, match="missing \\['blocks.0.attn.k_norm.bias', 'blocks.0.attn.k_norm.weight'\\]"):
+    load_variables(save_release(tmp_path / "half.pth", half))
   deit3 = dict(sd, **{"blocks.0.gamma_1": torch.ones(48), "blocks.0.gamma_2": torch.ones(48)})
   with pytest.raises(ParamMismatchError, match="DeiT-III"):
     load_variables(save_release(tmp_path / "deit3.pth", deit3))

@@ -9,6 +9,9 @@ layouts in the releases (names, shapes, forward passes), independently of vit_ja
   MAE    encoder on the visible patches, decoder with `mask_token`, sin-cos tables, pixel loss
   LVViT  conv stem with BatchNorm, blocks scaled by 1 / skip_lam, `head` + 0.5 * max of `aux_head`
 
+The ViT's blocks also take ViT-22B's options under timm's names (QK-norm, RMSNorm, no output / MLP
+biases, the parallel block), written from the ViT-22B paper.
+
 Images are NCHW, as torch takes them.
 """
 
@@ -18,39 +21,84 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def make_norm(kind, dim, eps=1e-6):
+  """"layernorm", or ViT-22B's "rmsnorm": x / sqrt(mean(x^2) + eps) * weight (no centring, no bias)."""
+  return nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else nn.RMSNorm(dim, eps=eps)
+
+
+def attend(q, k, v, q_norm=None, k_norm=None):
+  """softmax(norm(q) norm(k)^T / sqrt(d)) v over `[batch, heads, tokens, d]`; QK-norm per head (ViT-22B)."""
+  if q_norm is not None:
+    q, k = q_norm(q), k_norm(k)
+  weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
+  return weights @ v
+
+
 class Attention(nn.Module):
-  def __init__(self, dim, heads, qkv_bias=True):
+  def __init__(self, dim, heads, qkv_bias=True, *, qk_norm=None, proj_bias=True):
     super().__init__()
     self.heads = heads
     self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-    self.proj = nn.Linear(dim, dim)
+    if qk_norm:
+      self.q_norm, self.k_norm = make_norm(qk_norm, dim // heads), make_norm(qk_norm, dim // heads)
+    self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
   def forward(self, x):
     b, n, d = x.shape
     q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-    weights = torch.softmax((q * (d // self.heads) ** -0.5) @ k.transpose(-2, -1), dim=-1)
-    return self.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
+    out = attend(q, k, v, getattr(self, "q_norm", None), getattr(self, "k_norm", None))
+    return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class Mlp(nn.Module):
-  def __init__(self, dim, hidden):
+  def __init__(self, dim, hidden, bias=True):
     super().__init__()
-    self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+    self.fc1, self.fc2 = nn.Linear(dim, hidden, bias=bias), nn.Linear(hidden, dim, bias=bias)
 
   def forward(self, x):
     return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
 
 
 class Block(nn.Module):
-  def __init__(self, dim, heads, hidden, *, qkv_bias=True, eps=1e-6, skip_lam=1.0):
+  """Pre-norm block; `qk_norm`, `proj_bias` (attention output and MLP) and `norm_type` as timm's `Block`."""
+
+  def __init__(self, dim, heads, hidden, *, qkv_bias=True, eps=1e-6, skip_lam=1.0, qk_norm=None, proj_bias=True,
+               norm_type="layernorm"):
     super().__init__()
     self.skip_lam = skip_lam
-    self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
-    self.attn, self.mlp = Attention(dim, heads, qkv_bias), Mlp(dim, hidden)
+    self.norm1, self.norm2 = make_norm(norm_type, dim, eps), make_norm(norm_type, dim, eps)
+    self.attn = Attention(dim, heads, qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias)
+    self.mlp = Mlp(dim, hidden, bias=proj_bias)
 
   def forward(self, x):
     x = x + self.attn(self.norm1(x)) / self.skip_lam
     return x + self.mlp(self.norm2(x)) / self.skip_lam
+
+
+class ParallelBlock(nn.Module):
+  """ViT-22B's parallel block: y = LN(x); x + attention(y) + MLP(y), the attention's q, k, v and the MLP's
+  input projection in one matrix `in_proj` (rows: MLP, q, k, v), as timm's `ParallelScalingBlock`."""
+
+  def __init__(self, dim, heads, hidden, *, qkv_bias=True, qk_norm=None, proj_bias=True, norm_type="layernorm"):
+    super().__init__()
+    self.heads, self.hidden = heads, hidden
+    self.in_norm = make_norm(norm_type, dim)
+    self.in_proj = nn.Linear(dim, hidden + 3 * dim, bias=qkv_bias)
+    if not qkv_bias:
+      self.mlp_bias = nn.Parameter(torch.zeros(hidden))
+    if qk_norm:
+      self.q_norm, self.k_norm = make_norm(qk_norm, dim // heads), make_norm(qk_norm, dim // heads)
+    self.attn_out_proj = nn.Linear(dim, dim, bias=proj_bias)
+    self.mlp_out_proj = nn.Linear(hidden, dim, bias=proj_bias)
+
+  def forward(self, x):
+    b, n, d = x.shape
+    m, q, k, v = self.in_proj(self.in_norm(x)).split([self.hidden, d, d, d], dim=-1)
+    if hasattr(self, "mlp_bias"):
+      m = m + self.mlp_bias
+    heads = lambda t: t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
+    out = attend(heads(q), heads(k), heads(v), getattr(self, "q_norm", None), getattr(self, "k_norm", None))
+    return x + self.attn_out_proj(out.transpose(1, 2).reshape(b, n, d)) + self.mlp_out_proj(F.gelu(m))
 
 
 class PatchEmbed(nn.Module):
@@ -66,7 +114,7 @@ class ViT(nn.Module):
   """DeiT's and MAE fine-tuning's ViT (timm 0.3.2 names); `num_classes=0`: the normalised tokens."""
 
   def __init__(self, *, grid, patch, dim, depth, heads, hidden, num_classes, channels=3, distilled=False,
-               global_pool=False, norm=True):
+               global_pool=False, norm=True, parallel=False, **block):
     super().__init__()
     self.distilled, self.global_pool = distilled, global_pool
     self.patch_embed = PatchEmbed(channels, dim, patch)
@@ -74,11 +122,13 @@ class ViT(nn.Module):
     if distilled:
       self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
     self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1 + int(distilled), dim))
-    self.blocks = nn.ModuleList([Block(dim, heads, hidden) for _ in range(depth)])
+    self.blocks = nn.ModuleList([(ParallelBlock if parallel else Block)(dim, heads, hidden, **block)
+                                 for _ in range(depth)])
+    kind = block.get("norm_type", "layernorm")
     if global_pool:
-      self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+      self.fc_norm = make_norm(kind, dim)
     elif norm:
-      self.norm = nn.LayerNorm(dim, eps=1e-6)
+      self.norm = make_norm(kind, dim)
     if num_classes:
       self.head = nn.Linear(dim, num_classes)
       if distilled:

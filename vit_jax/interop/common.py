@@ -208,7 +208,11 @@ def torch_heads_out(proj: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def torch_norm(ln: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  return {"weight": contiguous(ln["scale"]), "bias": contiguous(ln["bias"])}
+  """LayerNorm {scale, bias} -> {weight, bias}; RMSNorm {scale} -> {weight}."""
+  out = {"weight": contiguous(ln["scale"])}
+  if "bias" in ln:
+    out["bias"] = contiguous(ln["bias"])
+  return out
 
 
 def torch_conv(conv: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -239,6 +243,11 @@ def write_folder(out_dir, state_dict: Mapping[str, np.ndarray], config: Mapping[
 
 def named(prefix: str, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+
+# The block options of ViT-22B and CaiT, at the values of the plain ViT block (for `require`).
+PLAIN_BLOCKS = dict(qk_norm=(None,), talking_heads=(False,), parallel=(False,), proj_bias=(True,),
+                    norm_type=("layernorm",))
 
 
 def require(settings: Mapping[str, Any], target: str, **allowed: Sequence[Any]) -> None:

@@ -19,8 +19,15 @@ Pooling maps to timm's `VisionTransformer` as:
 | pool_type="none" | `global_pool=""` (head on every token) |
 | distilled=True | `VisionTransformerDistilled` (`deit_*_distilled_*`), `dist_token`, `head_dist` |
 
+ViT-22B's block options map to timm's arguments of the same names: `qk_norm` (`attn.q_norm`,
+`attn.k_norm`; timm builds them with `norm_layer`, so `qk_norm` must be the blocks' `norm_type`),
+`qkv_bias`, `proj_bias`, `norm_type="rmsnorm"` (`norm_layer="rmsnorm"`), and `parallel=True`
+(`ParallelScalingBlock`, through the registered `vit_base_patch16_xp_224` with its defaults
+overridden: one `in_norm`, `in_proj` = [MLP input, q, k, v], `mlp_bias` without a qkv bias,
+`attn_out_proj`, `mlp_out_proj`, `ls`).
+
 timm's ViT has no representation layer (`pre_logits`), no post-norm blocks,
-gated MLPs or conv stem; such models fail with a message naming the setting.
+gated MLPs, conv stem or talking heads; such models fail with a message naming the setting.
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ TIMM_ACT = {"gelu": None, "gelu_tanh": "gelu_tanh", "relu": "relu", "silu": "sil
 def check_supported(settings: Mapping[str, Any]) -> None:
   common.require(settings, "timm's VisionTransformer", norm=("pre",), stem=("patch",), residual_scale=(1.0,),
                  activation=tuple(TIMM_ACT), representation_size=(None, 0), layer_norm_eps=(1e-6,),
-                 token_head=(False,))
+                 token_head=(False,), talking_heads=(False,), qk_norm=(None, settings["norm_type"]))
+  if settings["parallel"] and settings["distilled"]:
+    raise ValueError("timm cannot represent this model: its distilled ViT has no parallel blocks.")
   if common.has_final_norm(settings) == bool(settings["fc_norm"]):
     raise ValueError("timm's VisionTransformer ends with either `norm` or `fc_norm`: this model has "
                      f"{'both' if settings['fc_norm'] else 'neither'} (final_norm={settings['final_norm']}).")
@@ -64,12 +73,16 @@ def model_args(settings: Mapping[str, Any], grid: Sequence[int]) -> tuple[str, d
       mlp_ratio=s["mlp_dim"] / s["width"], qkv_bias=bool(s["qkv_bias"]),
       class_token=has_class_token(s["pool_type"], s["class_token"]), global_pool=TIMM_POOL[s["pool_type"]],
       fc_norm=bool(s["fc_norm"]), no_embed_class=False,
-      pos_embed="none" if s["posemb"] == "none" else "learn")
+      pos_embed="none" if s["posemb"] == "none" else "learn", qk_norm=bool(s["qk_norm"]),
+      proj_bias=bool(s["proj_bias"]), norm_layer=s["norm_type"])
   if s["layer_scale_init"] is not None:
     args["init_values"] = float(s["layer_scale_init"])
   if TIMM_ACT[s["activation"]]:
     args["act_layer"] = TIMM_ACT[s["activation"]]
-  # Registered names whose defaults `args` fully overrides; only the class they build matters.
+  # Registered names whose defaults `args` fully overrides; only the class (and block) they build matters.
+  if s["parallel"]:
+    args["pre_norm"] = False
+    return "vit_base_patch16_xp_224", args
   return ("deit_base_distilled_patch16_224" if s["distilled"] else "vit_base_patch16_224"), args
 
 
@@ -92,7 +105,7 @@ def names(p: Mapping[str, Any], s: Mapping[str, Any], grid: Sequence[int]) -> di
   if s["posemb"] != "none":
     sd["pos_embed"] = contiguous(common.explicit_posemb(p, s, grid))
   for i, blk in enumerate(common.blocks(p)):
-    sd.update(block_names(f"blocks.{i}", blk))
+    sd.update(parallel_block_names(f"blocks.{i}", blk) if s["parallel"] else block_names(f"blocks.{i}", blk))
   if s["fc_norm"]:
     sd.update(named("fc_norm", torch_norm(p["fc_norm"])))
   if common.has_final_norm(s):
@@ -124,12 +137,40 @@ def block_names(pre: str, blk: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return sd
 
 
+def parallel_block_names(pre: str, blk: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """One parallel block under timm's `ParallelScalingBlock` names."""
+  mha, mlp = blk["MultiHeadDotProductAttention_0"], blk["MlpBlock_0"]
+  fc1 = torch_linear(mlp["Dense_0"])
+  q, k, v = (torch_heads_in(mha[n]) for n in ("query", "key", "value"))
+  sd = named(f"{pre}.in_norm", torch_norm(blk["LayerNorm_0"]))
+  sd[f"{pre}.in_proj.weight"] = contiguous(np.concatenate([fc1["weight"], q["weight"], k["weight"], v["weight"]]))
+  if "bias" in q:
+    sd[f"{pre}.in_proj.bias"] = contiguous(np.concatenate([fc1["bias"], q["bias"], k["bias"], v["bias"]]))
+  else:
+    sd[f"{pre}.mlp_bias"] = fc1["bias"]
+  sd.update(_qk_norms(pre, mha))
+  sd.update(named(f"{pre}.attn_out_proj", torch_heads_out(mha["out"])))
+  sd.update(named(f"{pre}.mlp_out_proj", torch_linear(mlp["Dense_1"])))
+  if "LayerScale_0" in blk:
+    sd[f"{pre}.ls.gamma"] = contiguous(blk["LayerScale_0"]["gamma"])
+  return sd
+
+
+def _qk_norms(prefix: str, mha: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  out = {}
+  for ours, theirs in (("query_norm", "q_norm"), ("key_norm", "k_norm")):
+    if ours in mha:
+      out.update(named(f"{prefix}.{theirs}", torch_norm(mha[ours])))
+  return out
+
+
 def _attention(prefix: str, mha: Mapping[str, Any], *, fused: bool) -> dict[str, np.ndarray]:
   """timm's attention: blocks fuse q, k, v into `qkv`; the pooling head has `q` and a fused `kv`."""
   q, k, v = (torch_heads_in(mha[n]) for n in ("query", "key", "value"))
   cat = lambda *ts: {n: contiguous(np.concatenate([t[n] for t in ts])) for n in ts[0]}
   out = named(f"{prefix}.qkv", cat(q, k, v)) if fused else {**named(f"{prefix}.q", q),
                                                             **named(f"{prefix}.kv", cat(k, v))}
+  out.update(_qk_norms(prefix, mha))
   out.update(named(f"{prefix}.proj", torch_heads_out(mha["out"])))
   return out
 

@@ -146,23 +146,38 @@ def timm_settings(sd: Mapping[str, np.ndarray], model_args: Mapping[str, Any] | 
   if "patch_embed.proj.weight" not in sd:
     raise ParamMismatchError("Not a timm VisionTransformer state dict: no patch_embed.proj.weight.")
   width, channels, ph, pw = np.shape(sd["patch_embed.proj.weight"])
-  for key, what in (("blocks.0.attn.q_norm.weight", "qk-norm (blocks.*.attn.q_norm / k_norm)"),
-                    ("blocks.0.gamma_1", "DeiT-III's layer scale and class-token-free position table (gamma_1)"),
+  for key, what in (("blocks.0.gamma_1", "DeiT-III's layer scale and class-token-free position table (gamma_1)"),
                     ("blocks.0.norm1.running_mean", "BatchNorm in the blocks")):
     if key in sd:
       raise ParamMismatchError(f"The file has {what}, which this package's ViT does not implement.")
   depth = count_blocks(sd, "blocks.")
+  parallel = "blocks.0.in_proj.weight" in sd  # ParallelScalingBlock (ViT-22B)
+  attn = "blocks.0." if parallel else "blocks.0.attn."
+  norm = "blocks.0.in_norm" if parallel else "blocks.0.norm1"
+  fc2 = "blocks.0.mlp_out_proj" if parallel else "blocks.0.mlp.fc2"
+  if parallel:
+    mlp_dim = int(np.shape(sd[fc2 + ".weight"])[1])
+  else:
+    mlp_dim = int(np.shape(sd["blocks.0.mlp.fc1.weight"])[0]) if depth else None
   cls, dist = "cls_token" in sd, "dist_token" in sd
   pool = "map" if "attn_pool.latent" in sd else ("token" if cls and "fc_norm.weight" not in sd else "gap")
   if args.get("global_pool") in ("avg", "token", "map", ""):
     pool = {"avg": "gap", "token": "token", "map": "map", "": "none"}[args["global_pool"]]
   act = {"gelu_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}.get(str(args.get("act_layer")), "gelu")
+  heads = args.get("num_heads")
+  if not heads and attn + "q_norm.weight" in sd:  # QK-norm is per head: its width is the head width
+    heads = int(width) // int(np.shape(sd[attn + "q_norm.weight"])[0])
   settings = common.model_settings(
-      width=int(width), depth=depth, num_heads=heads_of(int(width), args.get("num_heads")), channels=int(channels),
-      mlp_dim=int(np.shape(sd["blocks.0.mlp.fc1.weight"])[0]) if depth else None, patch_size=(int(ph), int(pw)),
+      width=int(width), depth=depth, num_heads=heads_of(int(width), heads), channels=int(channels),
+      mlp_dim=mlp_dim, patch_size=(int(ph), int(pw)),
       num_classes=int(np.shape(sd["head.weight"])[0]) if "head.weight" in sd else None, pool_type=pool,
-      class_token=cls, distilled=dist, fc_norm="fc_norm.weight" in sd, qkv_bias="blocks.0.attn.qkv.bias" in sd,
-      layer_scale_init=1e-5 if "blocks.0.ls1.gamma" in sd else None, activation=act,
+      class_token=cls, distilled=dist, fc_norm="fc_norm.weight" in sd,
+      qkv_bias=("blocks.0.in_proj.bias" if parallel else "blocks.0.attn.qkv.bias") in sd,
+      layer_scale_init=1e-5 if {"blocks.0.ls1.gamma", "blocks.0.ls.gamma"} & set(sd) else None, activation=act,
+      parallel=parallel, qk_norm=None if attn + "q_norm.weight" not in sd else
+      "layernorm" if attn + "q_norm.bias" in sd else "rmsnorm",
+      norm_type="rmsnorm" if depth and norm + ".bias" not in sd else "layernorm",
+      proj_bias=not depth or (("blocks.0.attn_out_proj" if parallel else "blocks.0.attn.proj") + ".bias") in sd,
       posemb="learn" if "pos_embed" in sd else "none", layer_norm_eps=1e-6,
       final_norm=False if "norm.weight" not in sd and "fc_norm.weight" not in sd else None)
   prefix = int(cls) + int(dist)
