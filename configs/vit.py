@@ -88,6 +88,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(c.model)
   c.model.dropout_rate = 0.0
   c.model.drop_path_rate = 0.1 if arg.variant == "digits" else 0.0
+  # The position encoding ("learn", "sincos2d", CPVT's "peg", "none") and ViT-22B's block options, off;
+  # all settable from the command line, e.g. --config.model.posemb=peg --config.model.qk_norm=layernorm.
+  c.model.posemb = "learn"
+  c.model.update(qk_norm=ml_collections.config_dict.placeholder(str), parallel=False, proj_bias=True,
+                 norm_type="layernorm")
 
   if arg.runlocal:  # a few steps at small batch and resolution, to check that everything runs
     c.batch_size, c.eval_batch_size = 8, 8

@@ -107,3 +107,74 @@ def test_exporters_that_cannot_hold_an_option_name_it(option):
   mixed = common.model_settings(dict(BASE, qk_norm="rmsnorm"))  # timm builds q_norm with the blocks' norm
   with pytest.raises(ValueError, match="qk_norm='rmsnorm' \\(supported: None, 'layernorm'\\)"):
     timm_export.check_supported(mixed)
+
+
+# ----------------------------------------------------------------------------------------- CPVT's PEG
+
+def test_peg_is_a_zero_padded_depthwise_conv_with_a_residual_beside_the_class_token():
+  torch = pytest.importorskip("torch")
+  from vit_jax.models.encoder import PositionEncodingGenerator
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((2, 1 + 3 * 5, 6)).astype(np.float32)  # a class token and a 3x5 grid
+  peg = PositionEncodingGenerator()
+  params = random_params(peg, x, (3, 5), 1, scale=0.5)
+  got = np.asarray(peg.apply({"params": params}, x, (3, 5), 1))
+  grid = torch.from_numpy(x[:, 1:].reshape(2, 3, 5, 6).transpose(0, 3, 1, 2).copy())
+  kernel = torch.from_numpy(np.asarray(params["conv"]["kernel"]).transpose(3, 2, 0, 1).copy())  # [6, 1, 3, 3]
+  conv = torch.nn.functional.conv2d(grid, kernel, torch.from_numpy(np.asarray(params["conv"]["bias"])),
+                                    padding=1, groups=6)
+  want = (grid + conv).numpy().transpose(0, 2, 3, 1).reshape(2, 15, 6)
+  np.testing.assert_array_equal(got[:, 0], x[:, 0])  # the class token is kept aside
+  assert np.max(np.abs(got[:, 1:] - want)) <= 1e-5
+  assert np.max(np.abs(got[:, 1:] - x[:, 1:])) > 0.1
+
+
+@pytest.mark.parametrize("pool", ["token", "gap"])
+def test_cpvt_runs_at_any_resolution_and_scans(pool):
+  settings = dict(BASE, posemb="peg", pool_type=pool, depth=3)
+  model = VisionTransformer(**settings)
+  params = random_params(model, images(), rng=4)
+  tree = flatten(params)
+  assert tree["Transformer/posembed_peg/conv/kernel"].shape == (3, 3, 1, 32)
+  assert not any("pos_embedding" in k for k in tree) and ("cls" in tree) == (pool == "token")
+  bigger = np.random.default_rng(6).standard_normal((2, 24, 20, 3)).astype(np.float32)  # a 6x5 grid, no resizing
+  for x in (images(), bigger):
+    want, out = model.apply({"params": params}, x, return_attention=True)
+    assert want.shape == (2, 5) and np.all(np.isfinite(np.asarray(want)))
+    # Scanned: block 0 stays unrolled (the PEG follows it), blocks 1..2 are stacked; the same logits.
+    from vit_jax.models.encoder import scan_to_unrolled, unrolled_to_scan
+    scanned = unrolled_to_scan(params)
+    assert {"encoderblock_0", "encoderblock", "posembed_peg"} <= set(scanned["Transformer"])
+    assert jax.tree_util.tree_leaves(scanned["Transformer"]["encoderblock"])[0].shape[0] == 2
+    got, out_scan = VisionTransformer(**settings, scan=True).apply({"params": scanned}, x, return_attention=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    assert out_scan["attention_weights"].shape == out["attention_weights"].shape
+    back = flatten(scan_to_unrolled(scanned))
+    assert sorted(back) == sorted(tree) and all(np.array_equal(back[k], tree[k]) for k in tree)
+
+
+def test_cpvt_variants_have_the_counted_parameters():
+  from vit_jax.models.variants import count_params
+  # DeiT's counts less the position table plus the PEG (9C + C); -GAP also without the class token.
+  want = {"CPVT-Ti": 5_681_512, "CPVT-S": 21_978_856, "CPVT-B": 86_424_040,
+          "CPVT-Ti-GAP": 5_681_320, "CPVT-S-GAP": 21_978_472, "CPVT-B-GAP": 86_423_272}
+  for variant, n in want.items():
+    assert count_params(variant, num_classes=1000) == n, variant
+  assert count_params("DeiT-Ti", num_classes=1000) - 197 * 192 + 10 * 192 == want["CPVT-Ti"]
+
+
+@pytest.mark.parametrize("option", list(OPTIONS.values()) + [dict(posemb="peg"), dict(talking_heads=True)],
+                         ids=list(OPTIONS) + ["peg", "talking_heads"])
+def test_settings_are_read_back_from_the_weights_alone(option):
+  settings = common.model_settings(dict(BASE, **option))
+  found = common.infer_settings(random_params(VisionTransformer(**settings), images()))
+  for key in ("posemb", "parallel", "norm_type", "proj_bias", "talking_heads", "qk_norm", "qkv_bias"):
+    assert found[key] == settings[key], key
+
+
+def test_exporters_refuse_the_peg_by_name():
+  settings = common.model_settings(dict(BASE, posemb="peg"))
+  for check, target in ((hf_export.check_supported, "Hugging Face ViT"),
+                        (timm_export.check_supported, "timm's VisionTransformer")):
+    with pytest.raises(ValueError, match=f"{target} cannot represent this model: posemb='peg'"):
+      check(settings)

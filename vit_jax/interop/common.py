@@ -136,7 +136,9 @@ def infer_settings(params: Mapping[str, Any]) -> dict[str, Any]:
   Read from shapes: width, depth, heads, MLP width, patch size, channels, stem,
   pooling (`fc_norm`: "gap" after the norm, keeping any class token; class
   token: "token"; MAP head; else "gap"), distillation, representation
-  size, classes, qkv bias, LayerScale, gated MLP, token head.  What weights cannot tell
+  size, classes, qkv bias, LayerScale, gated MLP, token head, the position encoding (learned table,
+  PEG, else sin-cos) and the block options (parallel, QK-norm, RMSNorm, output biases, talking
+  heads).  What weights cannot tell
   (activation, norm placement, LayerNorm epsilon) keeps the model defaults,
   which are those of the published vit_jax / big_vision checkpoints.
   """
@@ -161,7 +163,14 @@ def infer_settings(params: Mapping[str, Any]) -> dict[str, Any]:
   s["distilled"] = "dist_token" in p
   if "encoder_norm" not in p["Transformer"] and not s.get("fc_norm"):
     s["final_norm"] = False
-  s["posemb"] = "learn" if learned_posemb(p) is not None else "sincos2d"
+  s["posemb"] = "learn" if learned_posemb(p) is not None else "peg" if "posembed_peg" in p["Transformer"] \
+      else "sincos2d"
+  s["parallel"] = "LayerNorm_1" not in bl[0]
+  s["norm_type"] = "layernorm" if "bias" in bl[0]["LayerNorm_0"] else "rmsnorm"
+  s["proj_bias"] = "bias" in attn["out"]
+  s["talking_heads"] = "talking_heads_pre" in attn
+  if "query_norm" in attn:
+    s["qk_norm"] = "layernorm" if "bias" in attn["query_norm"] else "rmsnorm"
   if "kernel" in p.get("pre_logits", {}):
     s["representation_size"] = int(p["pre_logits"]["kernel"].shape[1])
   s["num_classes"] = int(p["head"]["kernel"].shape[1]) if "head" in p else None

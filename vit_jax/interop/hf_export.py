@@ -49,7 +49,7 @@ def check_supported(settings: Mapping[str, Any]) -> None:
                      f"{settings['pool_type']!r} cannot be represented: export this model to timm instead.")
   common.require(settings, "Hugging Face ViT", norm=("pre",), stem=("patch",), residual_scale=(1.0,),
                  layer_scale_init=(None,), activation=tuple(HF_ACT), token_head=(False,), final_norm=(None, True),
-                 **common.PLAIN_BLOCKS)
+                 posemb=("learn", "sincos2d", "none"), **common.PLAIN_BLOCKS)
 
 
 def config(settings: Mapping[str, Any], grid: Sequence[int], labels: Sequence[str] | None = None) -> dict:

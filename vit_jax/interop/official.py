@@ -99,7 +99,7 @@ def lvvit_state_dict(variables: Mapping[str, Any], settings: Mapping[str, Any],
   s = common.model_settings(settings)
   common.require(s, "The LV-ViT release", stem=("conv",), token_head=(True,), pool_type=("token",),
                  distilled=(False,), norm=("pre",), representation_size=(None, 0), final_norm=(None, True),
-                 layer_scale_init=(None,), activation=("gelu",), **common.PLAIN_BLOCKS)
+                 layer_scale_init=(None,), activation=("gelu",), posemb=("learn",), **common.PLAIN_BLOCKS)
   p, stats = common.unrolled(variables["params"]), variables["batch_stats"]
   sd = timm_export.names(p, s, grid)  # patch_embed.proj, cls_token, pos_embed, blocks, norm, head
   for i in range(3):

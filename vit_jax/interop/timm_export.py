@@ -48,7 +48,8 @@ TIMM_ACT = {"gelu": None, "gelu_tanh": "gelu_tanh", "relu": "relu", "silu": "sil
 def check_supported(settings: Mapping[str, Any]) -> None:
   common.require(settings, "timm's VisionTransformer", norm=("pre",), stem=("patch",), residual_scale=(1.0,),
                  activation=tuple(TIMM_ACT), representation_size=(None, 0), layer_norm_eps=(1e-6,),
-                 token_head=(False,), talking_heads=(False,), qk_norm=(None, settings["norm_type"]))
+                 token_head=(False,), talking_heads=(False,), qk_norm=(None, settings["norm_type"]),
+                 posemb=("learn", "sincos2d", "none"))
   if settings["parallel"] and settings["distilled"]:
     raise ValueError("timm cannot represent this model: its distilled ViT has no parallel blocks.")
   if common.has_final_norm(settings) == bool(settings["fc_norm"]):

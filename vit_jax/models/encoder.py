@@ -211,6 +211,32 @@ class Encoder1DBlock(nn.Module):
     return x, (weights[0] if weights else None)
 
 
+class PositionEncodingGenerator(nn.Module):
+  """CPVT's PEG: a depthwise 3x3 convolution (zero padding, bias) over the token grid, added to the
+  tokens; the first `prefix_tokens` (class / distillation tokens) are kept aside unchanged.
+
+  Parameters `kernel [3, 3, 1, width]`, `bias [width]` (timm's `PosConv`, `proj.0` in Twins).
+  Initialised as timm: normal(0, sqrt(2 / 9)) kernels (fan-out of a depthwise 3x3), zero bias.
+  """
+  kernel_size: int = 3
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, grid: tuple[int, int], prefix_tokens: int = 0) -> Array:
+    b, n, d = x.shape
+    h, w = grid
+    if n != prefix_tokens + h * w:
+      raise ValueError(f"{n} tokens do not make {prefix_tokens} prefix tokens and a {h}x{w} grid.")
+    k = self.kernel_size
+    conv = nn.Conv(d, (k, k), padding=[(k // 2, k // 2)] * 2, feature_group_count=d, dtype=self.dtype,
+                   param_dtype=self.param_dtype, kernel_init=nn.initializers.normal(np.sqrt(2.0 / (k * k))),
+                   name="conv")
+    tokens = x[:, prefix_tokens:]
+    y = tokens + conv(tokens.reshape(b, h, w, d)).reshape(b, h * w, d).astype(x.dtype)
+    return jnp.concatenate([x[:, :prefix_tokens], y], axis=1)
+
+
 class AddPositionEmbs(nn.Module):
   """A learned position embedding `pos_embedding: [1, tokens, width]` added to the input."""
   posemb_init: Callable = nn.initializers.normal(stddev=0.02)
@@ -242,6 +268,9 @@ class Encoder(nn.Module):
       (e.g. "nothing_saveable", "dots_saveable").
     return_weights: also return every block's attention weights.
     proj_bias, qk_norm, talking_heads, parallel, norm_type: see `Encoder1DBlock`.
+    peg: CPVT's position encoding generator (`posembed_peg`) after the first block; the call
+      then needs the token `grid` and the number of `prefix_tokens`.  Under `scan` the first
+      block stays unrolled (`encoderblock_0`) and the others are scanned (`encoderblock`).
   """
   num_layers: int
   mlp_dim: int
@@ -261,6 +290,7 @@ class Encoder(nn.Module):
   norm_type: str = "layernorm"
   layer_norm_eps: float = 1e-6
   learned_posemb: bool = False
+  peg: bool = False
   final_norm: bool | None = None
   scan: bool = False
   remat_policy: str | None = None
@@ -271,8 +301,10 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, posemb: Array | None = None, mask: Array | None = None,
-               deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
-    """`x: [batch, tokens, width]`; `posemb`: a fixed table added to x (e.g. sin-cos).
+               deterministic: bool = True, grid: tuple[int, int] | None = None,
+               prefix_tokens: int = 0) -> tuple[Array, dict[str, Array]]:
+    """`x: [batch, tokens, width]`; `posemb`: a fixed table added to x (e.g. sin-cos); `grid` and
+    `prefix_tokens`: the layout of the tokens, for `peg`.
 
     Returns `(encoded [batch, tokens, width], out)`; `out["attention_weights"]`
     is `[layers, batch, heads, tokens, tokens]` when `return_weights`.
@@ -302,21 +334,33 @@ class Encoder(nn.Module):
       block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(4,),
                        policy=get_remat_policy(self.remat_policy))
     rates = np.linspace(0.0, self.drop_path_rate, self.num_layers)
+    if self.peg and grid is None:
+      raise ValueError("peg=True needs the token grid: call the encoder with grid=(h, w).")
+
+    def peg(x, i):
+      if self.peg and i == 0:
+        x = PositionEncodingGenerator(dtype=self.dtype, param_dtype=self.param_dtype, name="posembed_peg")(
+            x, grid, prefix_tokens)
+      return x
 
     out = {}
-    if self.scan:
+    weights = []
+    first = 1 if self.scan and self.peg else 0  # blocks before the scanned ones (the PEG follows block 0)
+    for i in range(self.num_layers if not self.scan else first):
+      x, w = block(name=f"encoderblock_{i}", **block_kw)(x, mask, float(rates[i]), deterministic)
+      weights.append(w)
+      x = peg(x, i)
+    if self.scan and self.num_layers > first:
       ramp = self.drop_path_rate > 0
       block = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, 0 if ramp else nn.broadcast, nn.broadcast),
-                      length=self.num_layers)
-      x, weights = block(name="encoderblock", **block_kw)(
-          x, mask, jnp.asarray(rates, jnp.float32) if ramp else 0.0, deterministic)
-    else:
-      weights = []
-      for i in range(self.num_layers):
-        x, w = block(name=f"encoderblock_{i}", **block_kw)(x, mask, float(rates[i]), deterministic)
-        weights.append(w)
-      weights = jnp.stack(weights) if self.return_weights else None
+                      length=self.num_layers - first)
+      x, w = block(name="encoderblock", **block_kw)(
+          x, mask, jnp.asarray(rates[first:], jnp.float32) if ramp else 0.0, deterministic)
+      if self.return_weights:
+        weights = [*weights, *w] if first else w
+    if self.return_weights and isinstance(weights, list):
+      weights = jnp.stack(weights)
     if self.return_weights:
       out["attention_weights"] = weights
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
@@ -334,13 +378,15 @@ _BLOCK = re.compile(r"^encoderblock_(\d+)$")
 
 
 def scan_to_unrolled(params: Mapping[str, Any]) -> dict[str, Any]:
-  """Replace every `encoderblock` (leading depth axis) with `encoderblock_{i}` entries."""
+  """Replace every `encoderblock` (leading depth axis) with `encoderblock_{i}` entries, numbered after
+  the blocks that are unrolled already (the first block of a PEG encoder)."""
   out = {}
   for k, v in params.items():
     if k == "encoderblock" and isinstance(v, Mapping):
       depth = jax.tree_util.tree_leaves(v)[0].shape[0]
+      first = sum(1 for name in params if _BLOCK.match(name))
       for i in range(depth):
-        out[f"encoderblock_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], _plain(v))
+        out[f"encoderblock_{i + first}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], _plain(v))
     elif isinstance(v, Mapping):
       out[k] = scan_to_unrolled(v)
     else:
@@ -349,17 +395,19 @@ def scan_to_unrolled(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def unrolled_to_scan(params: Mapping[str, Any]) -> dict[str, Any]:
-  """Stack `encoderblock_0..N-1` into one `encoderblock` with a leading depth axis."""
+  """Stack `encoderblock_0..N-1` into one `encoderblock` with a leading depth axis (from block 1 in an
+  encoder with a PEG, `posembed_peg`, whose first block stays unrolled)."""
   blocks = {int(m.group(1)): k for k in params if (m := _BLOCK.match(k))}
   if blocks and sorted(blocks) != list(range(len(blocks))):
     raise ValueError(f"Encoder blocks are not numbered 0..{len(blocks) - 1}: {sorted(blocks)}.")
+  first = 1 if blocks and "posembed_peg" in params else 0
   out = {}
   for k, v in params.items():
-    if _BLOCK.match(k):
+    if _BLOCK.match(k) and int(_BLOCK.match(k).group(1)) >= first:
       continue
     out[k] = unrolled_to_scan(v) if isinstance(v, Mapping) else v
-  if blocks:
-    layers = [_plain(params[blocks[i]]) for i in range(len(blocks))]
+  if len(blocks) > first:
+    layers = [_plain(params[blocks[i]]) for i in range(first, len(blocks))]
     # numpy in, numpy out (checkpoint conversion stays on the host); otherwise jax arrays.
     host = all(isinstance(a, np.ndarray) for a in jax.tree_util.tree_leaves(layers))
     stack = np.stack if host else jnp.stack

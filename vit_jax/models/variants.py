@@ -12,7 +12,8 @@ accepted too.
 Named family members are accepted as well: "DeiT-Ti" / "DeiT-S" / "DeiT-B" (the
 ViT sizes at patch 16; "DeiT-B-distilled" adds the distillation token) and
 "LV-ViT-T" / "-S" / "-M" / "-L" (conv stem, MLP ratio 3, no qkv bias, residual
-scaling, LayerNorm eps 1e-5 and the token-labeling head).  Swin names ("Swin-T", "SwinV2-B-w16",
+scaling, LayerNorm eps 1e-5 and the token-labeling head), and "CPVT-Ti" / "-S" / "-B" (DeiT's
+sizes with CPVT's position encoding generator; "-GAP": mean pooling without a class token).  Swin names ("Swin-T", "SwinV2-B-w16",
 ...; `swin_settings`) give `SwinTransformer` settings with `family="swin"`.
 
 `python -m configs.models` prints the model-zoo table of the README.  The table lives in the
@@ -93,19 +94,23 @@ def decode_variant(variant: str) -> dict[str, Any]:
 
 
 def family_settings(variant: str) -> dict[str, Any]:
-  """Model settings of a ViT size ("B/16") or a named DeiT / LV-ViT member."""
+  """Model settings of a ViT size ("B/16") or a named DeiT / CPVT / LV-ViT member."""
   name = variant.strip()
   m = re.match(r"^DeiT-(Ti|S|B)(-distilled)?$", name)
   if m:
     return dict(decode_variant(DEIT[m.group(1)]), distilled=bool(m.group(2)))
+  m = re.match(r"^CPVT-(Ti|S|B)(-GAP)?$", name)
+  if m:  # DeiT's sizes with the PEG instead of a position table; -GAP: no class token, mean pooling
+    return dict(decode_variant(DEIT[m.group(1)]), posemb="peg", activation="gelu",
+                pool_type="gap" if m.group(2) else "token")
   m = re.match(r"^LV-ViT-(T|S|M|L)$", name)
   if m:
     size = LVVIT[m.group(1)]
     return dict(size, mlp_dim=3 * size["width"], patch_size=(16, 16), stem="conv", qkv_bias=False,
                 layer_norm_eps=1e-5, activation="gelu", token_head=True)
-  if name.startswith(("DeiT", "LV-ViT")):
-    raise ValueError(f"Unknown variant {variant!r}: choose DeiT-Ti/S/B (optionally '-distilled') or "
-                     "LV-ViT-T/S/M/L.")
+  if name.startswith(("DeiT", "LV-ViT", "CPVT")):
+    raise ValueError(f"Unknown variant {variant!r}: choose DeiT-Ti/S/B (optionally '-distilled'), "
+                     "CPVT-Ti/S/B (optionally '-GAP') or LV-ViT-T/S/M/L.")
   return decode_variant(name)
 
 

@@ -7,6 +7,7 @@ The parameter tree is the linen tree of vit_jax / big_vision:
   cls [1, 1, D]                                     with a class token (pool_type="token" by default)
   dist_token [1, 1, D]                              with distilled=True (DeiT)
   Transformer/posembed_input/pos_embedding          [1, prefix + h*w, D], with posemb="learn"
+  Transformer/posembed_peg/conv/{kernel, bias}      [3, 3, 1, D], [D], with posemb="peg" (CPVT)
   Transformer/encoderblock_{i}/...                  see encoder.py
   Transformer/encoder_norm                          unless fc_norm=True or final_norm=False
   MAPHead_0/...                                     with pool_type="map"
@@ -44,7 +45,7 @@ Array = jax.Array
 Dtype = Any
 
 POOL_TYPES = ("token", "gap", "map", "none")
-POSEMB_TYPES = ("learn", "sincos2d", "none")
+POSEMB_TYPES = ("learn", "sincos2d", "peg", "none")
 STEMS = ("patch", "conv")
 
 
@@ -149,7 +150,9 @@ class VisionTransformer(nn.Module):
     channels: expected image channels.
     stem: "patch" (one conv, kernel = stride = patch) or "conv" (LV-ViT).
     posemb: "learn" (normal 0.02, includes the prefix-token slots), "sincos2d"
-      (fixed MAE table, zero rows for prefix tokens) or "none".
+      (fixed MAE table, zero rows for prefix tokens), "peg" (CPVT: no table, a
+      depthwise 3x3 convolution over the token grid after the first block,
+      `Transformer/posembed_peg`; any input resolution works as it is) or "none".
     pool_type: "token" (class token), "gap" (mean of the patch tokens; prefix
       tokens are left out), "map" (attention pooling) or "none" (the head is
       applied to every token).
@@ -185,7 +188,7 @@ class VisionTransformer(nn.Module):
   channels: int = 3
   stem: Literal["patch", "conv"] = "patch"
   stem_width: int = 64
-  posemb: Literal["learn", "sincos2d", "none"] = "learn"
+  posemb: Literal["learn", "sincos2d", "peg", "none"] = "learn"
   pool_type: Literal["token", "gap", "map", "none"] = "token"
   class_token: bool | None = None
   fc_norm: bool = False
@@ -294,11 +297,11 @@ class VisionTransformer(nn.Module):
         residual_scale=self.residual_scale, activation=self.activation, qkv_bias=self.qkv_bias,
         proj_bias=self.proj_bias, qk_norm=self.qk_norm, talking_heads=self.talking_heads, parallel=self.parallel,
         norm_type=self.norm_type, layer_norm_eps=self.layer_norm_eps, learned_posemb=self.posemb == "learn",
-        scan=self.scan,
+        peg=self.posemb == "peg", scan=self.scan,
         remat_policy=self.remat_policy, attention_impl=self.attention_impl, return_weights=return_attention,
         final_norm=self._final_norm(), dtype=self.dtype, param_dtype=self.param_dtype,
         name="Transformer")(
-            x, posemb=fixed, deterministic=not train)
+            x, posemb=fixed, deterministic=not train, grid=(gh, gw), prefix_tokens=len(prefix))
     out.update(enc_out)
     out["encoded"] = x
 
