@@ -178,3 +178,32 @@ def test_exporters_refuse_the_peg_by_name():
                         (timm_export.check_supported, "timm's VisionTransformer")):
     with pytest.raises(ValueError, match=f"{target} cannot represent this model: posemb='peg'"):
       check(settings)
+
+
+# ----------------------------------------------------------------------------------------- the trainer
+
+@pytest.mark.slow
+def test_trainer_runs_the_options_on_a_data_by_tensor_mesh_and_the_peg_model_grows(tmp_path, monkeypatch):
+  """PEG + parallel QK-norm blocks without biases, layer-wise lr decay, heads split over `tensor`
+  (8 simulated devices: data 4 x tensor 2); then the trained model read back and evaluated on 16 px
+  digits (an 8x8 grid, trained on 4x4) with no resizing step, by the PEG bench's own evaluation."""
+  import os
+  import sys
+
+  from configs.vit import get_config
+  from vit_jax.train import trainer
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+  from peg_resolution import accuracy
+
+  c = get_config("runlocal")
+  c.model.update(posemb="peg", qk_norm="layernorm", parallel=True, qkv_bias=False, width=16, depth=2,
+                 num_heads=2, mlp_dim=32, stem_width=8)
+  c.update(dict(mesh=(("data", 4), ("tensor", 2)), total_steps=20, eval_steps=20, checkpoint_steps=20))
+  c.optim.layer_decay = 0.75
+  c.data.data_dir = str(tmp_path / "tfds")
+  final = trainer.train_and_evaluate(c, str(tmp_path / "run"))
+  assert 0.0 <= final["eval/accuracy"] <= 1.0
+  monkeypatch.setenv("TFDS_DATA_DIR", c.data.data_dir)
+  at_8, at_16 = accuracy(str(tmp_path / "run"), 8), accuracy(str(tmp_path / "run"), 16)
+  assert at_8 == pytest.approx(final["eval/accuracy"], abs=1e-6)  # the same model and test set as the trainer's
+  assert 0.0 <= at_16 <= 1.0
