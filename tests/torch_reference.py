@@ -267,3 +267,73 @@ def perturb_(model, scale=0.1, seed=0):
         m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
         m.num_batches_tracked.fill_(123)
   return model.eval()
+
+
+class TalkingHeadsAttention(nn.Module):
+  """CaiT's self-attention: logits mixed across heads by `proj_l` before the softmax, probabilities by `proj_w`
+  after it (no renormalisation)."""
+
+  def __init__(self, dim, heads):
+    super().__init__()
+    self.heads = heads
+    self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+    self.proj_l, self.proj_w = nn.Linear(heads, heads), nn.Linear(heads, heads)
+
+  def forward(self, x):
+    b, n, d = x.shape
+    q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+    logits = (q * (d // self.heads) ** -0.5) @ k.transpose(-2, -1)  # [b, h, n, n]
+    mix = lambda layer, a: layer(a.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # a Linear over the head axis
+    weights = mix(self.proj_w, torch.softmax(mix(self.proj_l, logits), dim=-1))
+    return self.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class ClassAttention(nn.Module):
+  """Only the class token queries; keys and values come from [class token, patches]."""
+
+  def __init__(self, dim, heads):
+    super().__init__()
+    self.heads = heads
+    self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+
+  def forward(self, u):
+    b, n, d = u.shape
+    split = lambda t: t.reshape(b, -1, self.heads, d // self.heads).transpose(1, 2)
+    q, k, v = split(self.q(u[:, :1])), split(self.k(u)), split(self.v(u))
+    weights = torch.softmax((q * (d // self.heads) ** -0.5) @ k.transpose(-2, -1), dim=-1)
+    return self.proj((weights @ v).transpose(1, 2).reshape(b, 1, d))
+
+
+class CaiTBlock(nn.Module):
+  def __init__(self, dim, heads, hidden, attention):
+    super().__init__()
+    self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+    self.attn, self.mlp = attention, Mlp(dim, hidden)
+    self.gamma_1, self.gamma_2 = nn.Parameter(1e-5 * torch.ones(dim)), nn.Parameter(1e-5 * torch.ones(dim))
+
+
+class CaiT(nn.Module):
+  """CaiT (Touvron et al. 2021) under the names of its release / timm's `Cait`."""
+
+  def __init__(self, *, grid, patch, dim, depth, heads, hidden, num_classes, class_depth=2, channels=3):
+    super().__init__()
+    self.patch_embed = PatchEmbed(channels, dim, patch)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+    self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim))  # patches only
+    self.blocks = nn.ModuleList([CaiTBlock(dim, heads, hidden, TalkingHeadsAttention(dim, heads))
+                                 for _ in range(depth)])
+    self.blocks_token_only = nn.ModuleList([CaiTBlock(dim, heads, hidden, ClassAttention(dim, heads))
+                                            for _ in range(class_depth)])
+    self.norm, self.head = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, num_classes)
+
+  def forward(self, images):
+    x = self.patch_embed(images) + self.pos_embed
+    for blk in self.blocks:
+      x = x + blk.gamma_1 * blk.attn(blk.norm1(x))
+      x = x + blk.gamma_2 * blk.mlp(blk.norm2(x))
+    cls = self.cls_token.expand(x.shape[0], -1, -1)
+    for blk in self.blocks_token_only:
+      u = torch.cat([cls, x], dim=1)
+      cls = cls + blk.gamma_1 * blk.attn(blk.norm1(u))
+      cls = cls + blk.gamma_2 * blk.mlp(blk.norm2(cls))
+    return self.head(self.norm(cls[:, 0]))

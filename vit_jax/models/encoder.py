@@ -260,7 +260,7 @@ class Encoder(nn.Module):
   Attributes (beyond those forwarded to every block):
     num_layers: depth.
     drop_path_rate: stochastic-depth rate of the last block; rates ramp linearly
-      from 0 at the first block.
+      from 0 at the first block (every block's rate with `drop_path_ramp=False`, as CaiT).
     learned_posemb: add a learned `posembed_input/pos_embedding` before the blocks.
     final_norm: apply `encoder_norm` at the end (default: with pre-norm blocks).
     scan: run the blocks with `nn.scan` (params under `encoderblock`, stacked on axis 0).
@@ -279,6 +279,7 @@ class Encoder(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
+  drop_path_ramp: bool = True
   layer_scale_init: float | None = None
   residual_scale: float = 1.0
   activation: str = "gelu"
@@ -333,7 +334,8 @@ class Encoder(nn.Module):
       # __call__(self, x, mask, drop_path_rate, deterministic): `deterministic` is static.
       block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(4,),
                        policy=get_remat_policy(self.remat_policy))
-    rates = np.linspace(0.0, self.drop_path_rate, self.num_layers)
+    rates = (np.linspace(0.0, self.drop_path_rate, self.num_layers) if self.drop_path_ramp
+             else np.full(self.num_layers, self.drop_path_rate))
     if self.peg and grid is None:
       raise ValueError("peg=True needs the token grid: call the encoder with grid=(h, w).")
 

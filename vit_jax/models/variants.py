@@ -14,7 +14,8 @@ ViT sizes at patch 16; "DeiT-B-distilled" adds the distillation token) and
 "LV-ViT-T" / "-S" / "-M" / "-L" (conv stem, MLP ratio 3, no qkv bias, residual
 scaling, LayerNorm eps 1e-5 and the token-labeling head), and "CPVT-Ti" / "-S" / "-B" (DeiT's
 sizes with CPVT's position encoding generator; "-GAP": mean pooling without a class token).  Swin names ("Swin-T", "SwinV2-B-w16",
-...; `swin_settings`) give `SwinTransformer` settings with `family="swin"`.
+...; `swin_settings`) give `SwinTransformer` settings with `family="swin"`, and CaiT names
+("CaiT-XXS-24" ... "CaiT-M-48"; `cait_settings`) `CaiT` settings with `family="cait"`.
 
 `python -m configs.models` prints the model-zoo table of the README.  The table lives in the
 package (configs import it from here), so an installed vit_jax resolves variant names without the
@@ -76,6 +77,30 @@ def swin_settings(variant: str) -> dict[str, Any] | None:
   return dict(SWIN[size], family="swin", version=2 if v2 else 1, window_size=window, patch_size=4,
               drop_path_rate=SWIN_DROP_PATH[size])
 
+# CaiT (Touvron et al. 2021, timm's cait_*): width, depth, heads, LayerScale init, released resolution.
+CAIT: dict[str, dict[str, Any]] = {
+    "XXS-24": dict(width=192, depth=24, num_heads=4, layer_scale_init=1e-5, resolution=224),
+    "XXS-36": dict(width=192, depth=36, num_heads=4, layer_scale_init=1e-5, resolution=224),
+    "XS-24": dict(width=288, depth=24, num_heads=6, layer_scale_init=1e-5, resolution=384),
+    "S-24": dict(width=384, depth=24, num_heads=8, layer_scale_init=1e-5, resolution=224),
+    "S-36": dict(width=384, depth=36, num_heads=8, layer_scale_init=1e-6, resolution=384),
+    "M-36": dict(width=768, depth=36, num_heads=16, layer_scale_init=1e-6, resolution=384),
+    "M-48": dict(width=768, depth=48, num_heads=16, layer_scale_init=1e-6, resolution=448),
+}
+
+
+def cait_settings(variant: str) -> dict[str, Any] | None:
+  """`CaiT` settings of "CaiT-XXS-24" ... "CaiT-M-48" (patch 16) with `family="cait"`; None for other names.
+  The released resolution is `CAIT[size]["resolution"]`."""
+  name = variant.strip()
+  if not name.startswith("CaiT"):
+    return None
+  size = name[len("CaiT-"):]
+  if size not in CAIT:
+    raise ValueError(f"Unknown variant {variant!r}: choose one of {', '.join('CaiT-' + k for k in CAIT)}.")
+  return dict({k: v for k, v in CAIT[size].items() if k != "resolution"}, family="cait", patch_size=16)
+
+
 _VARIANT = re.compile(r"^(?:ViT-)?(?P<size>[A-Za-z]+)[/_](?P<ph>\d+)(?:x(?P<pw>\d+))?$")
 
 
@@ -133,7 +158,8 @@ def get_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
 
 
 def create_model(variant: str, **overrides: Any):
-  """A `VisionTransformer` for `variant` (see `get_config`), or a `SwinTransformer` for a Swin name."""
+  """A `VisionTransformer` for `variant` (see `get_config`), a `SwinTransformer` for a Swin name, or a
+  `CaiT` for a CaiT name."""
   from vit_jax.models.vit import VisionTransformer
 
   swin = swin_settings(variant)
@@ -141,6 +167,11 @@ def create_model(variant: str, **overrides: Any):
     from vit_jax.models.swin import SwinTransformer
     swin.pop("family")
     return SwinTransformer(**dict(swin, **overrides))
+  cait = cait_settings(variant)
+  if cait is not None:
+    from vit_jax.models.cait import CaiT
+    cait.pop("family")
+    return CaiT(**dict(cait, **overrides))
   return VisionTransformer(**get_config(variant, **overrides).to_dict())
 
 

@@ -100,6 +100,7 @@ def layer_ids(params: Mapping[str, Any]) -> dict[str, int]:
 
   Swin's blocks `stage_s/block_j` are numbered in order over the stages, and the patch merging at the
   end of stage s shares the id of that stage's last block (as Swin fine-tuning recipes count them).
+  CaiT's class-attention blocks `class_block_j` follow its self-attention blocks.
   """
   flat = flatten(params)
   if any("encoderblock/" in k for k in flat):
@@ -111,16 +112,19 @@ def layer_ids(params: Mapping[str, Any]) -> dict[str, int]:
       stage_depths[int(m[1])] = max(stage_depths.get(int(m[1]), 0), int(m[2]) + 1)
   before = {s: sum(d for t, d in stage_depths.items() if t < s) for s in stage_depths}
   blocks = {int(m.group(1)) for k in flat if (m := re.search(r"encoderblock_(\d+)/", k))}
-  depth = len(blocks) + sum(stage_depths.values())
+  class_blocks = {int(m.group(1)) for k in flat if (m := re.search(r"^class_block_(\d+)/", k))}
+  depth = len(blocks) + sum(stage_depths.values()) + len(class_blocks)
   ids = {}
   for k in flat:
     if m := re.search(r"encoderblock_(\d+)/", k):
       ids[k] = int(m.group(1)) + 1
+    elif m := re.search(r"^class_block_(\d+)/", k):  # CaiT: after the self-attention blocks
+      ids[k] = len(blocks) + int(m.group(1)) + 1
     elif m := re.search(r"^stage_(\d+)/block_(\d+)/", k):
       ids[k] = before[int(m[1])] + int(m[2]) + 1
     elif m := re.search(r"^stage_(\d+)/merge/", k):
       ids[k] = before[int(m[1])] + stage_depths[int(m[1])]
-    elif re.search(r"^(embedding|embedding_norm|stem|cls|dist_token|Transformer/posembed_input)(/|$)", k):
+    elif re.search(r"^(embedding|embedding_norm|stem|cls|dist_token|Transformer/posembed_(input|peg))(/|$)", k):
       ids[k] = 0
     else:
       ids[k] = depth + 1

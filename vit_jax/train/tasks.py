@@ -37,8 +37,8 @@ from vit_jax.train import losses
 
 
 def build_classifier(settings: Mapping[str, Any]):
-  """A classifier from its settings: a ViT, `family="swin"` for a Swin Transformer (V1 or V2), or
-  `family="birnn"` for the row-by-row bi-directional RNN."""
+  """A classifier from its settings: a ViT, `family="swin"` for a Swin Transformer (V1 or V2),
+  `family="cait"` for CaiT, or `family="birnn"` for the row-by-row bi-directional RNN."""
   settings = dict(settings)
   family = settings.pop("family", "vit")
   if family == "vit":
@@ -49,9 +49,12 @@ def build_classifier(settings: Mapping[str, Any]):
       raise ValueError("Swin has no distillation token: set model.distilled=False; the distill task then trains "
                        "the class head on both the labels and the teacher.")
     return SwinTransformer(**settings)
+  if family == "cait":
+    from vit_jax.models.cait import CaiT
+    return CaiT(**settings)
   if family == "birnn":
     return BiRNNClassifier(**settings)
-  raise ValueError(f"Unknown model family {family!r}: choose 'vit', 'swin' or 'birnn'.")
+  raise ValueError(f"Unknown model family {family!r}: choose 'vit', 'swin', 'cait' or 'birnn'.")
 
 
 class Classification:
