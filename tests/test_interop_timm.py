@@ -210,3 +210,28 @@ def test_swin_exports_to_and_imports_from_timm(version, size, depths, heads):
     theirs = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
   back = swin_interop.from_timm({k: v.numpy() for k, v in model.state_dict().items()}, settings, size)
   assert np.max(np.abs(np.asarray(SwinTransformer(**settings).apply({"params": back}, images)[0]) - theirs)) <= TOL
+
+
+@pytest.mark.parametrize("size, class_depth", [((32, 48), 2), ((32, 32), 1)])
+def test_cait_exports_to_and_imports_from_timm(size, class_depth):
+  """timm's `Cait` with our weights (strict), and timm's own perturbed `Cait` read back: logits within 2e-5."""
+  from vit_jax.interop import cait
+  from vit_jax.models.cait import CaiT
+  settings = dict(num_classes=7, patch_size=8, width=48, depth=3, num_heads=4, class_depth=class_depth,
+                  layer_scale_init=0.1)
+  images = np.random.default_rng(5).standard_normal((3, *size, 3)).astype(np.float32)
+  images_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  params = random_params(CaiT(**settings), images)
+  want = np.asarray(CaiT(**settings).apply({"params": params}, images)[0])
+  model = timm.models.cait.Cait(**cait.timm_model_args(settings, size)).eval()
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in cait.timm_state_dict(params, settings).items()},
+                        strict=True)
+  with torch.no_grad():
+    assert np.max(np.abs(model(images_t).numpy() - want)) <= TOL and np.std(want) > 0.1
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+    theirs = model(images_t).numpy()
+  back, found = cait.from_timm({k: v.numpy() for k, v in model.state_dict().items()}, {"num_heads": 4},
+                               image_size=size)
+  got = np.asarray(CaiT(**{k: v for k, v in found.items() if k != "family"}).apply({"params": back}, images)[0])
+  assert np.max(np.abs(got - theirs)) <= TOL
