@@ -84,3 +84,36 @@ def test_cait_trains_through_the_trainer_with_layer_decay(tmp_path):
   assert ids["Transformer/encoderblock_1/LayerScale_0/gamma"] == 2
   assert ids["class_block_0/attention/query/kernel"] == 3 and ids["class_block_1/MlpBlock_0/Dense_0/kernel"] == 4
   assert ids["head/kernel"] == ids["norm/scale"] == 5
+
+
+def test_release_files_load_fine_tune_at_a_new_size_and_convert(tmp_path):
+  torch = pytest.importorskip("torch")
+  from vit_jax import checkpoint
+  from vit_jax.interop import convert, load_pretrained, load_variables, resize_posemb
+  settings = dict(SMALL, patch_size=4)
+  params = random_params(CaiT(**settings), np.zeros((1, 16, 16, 3), np.float32), rng=3)
+  sd = {f"module.{k}": torch.from_numpy(np.array(v)) for k, v in cait_interop.timm_state_dict(params, settings).items()}
+  torch.save({"model": sd, "optimizer": {}, "epoch": 3}, tmp_path / "cait.pth")  # as the release saves it
+  variables, saved = load_variables(tmp_path / "cait.pth", hints={"num_heads": 4})
+  assert saved["model"]["family"] == "cait" and saved["image_size"] == [16, 16]
+  assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree_util.tree_leaves(variables["params"]),
+                                                               jax.tree_util.tree_leaves(params)))
+
+  # Fine-tuning at 24 px: the patches-only table is resized to 6x6 (no class-token row), the head reset.
+  init = random_params(CaiT(**dict(settings, num_classes=3)), np.zeros((1, 24, 24, 3), np.float32), rng=5)
+  got = load_pretrained(str(tmp_path / "cait.pth"), init, reinit_head=True)
+  table = params["Transformer"]["posembed_input"]["pos_embedding"]
+  np.testing.assert_allclose(got["Transformer"]["posembed_input"]["pos_embedding"],
+                             resize_posemb(table, (6, 6), num_prefix_tokens=0), atol=1e-6)
+  np.testing.assert_array_equal(got["head"]["kernel"], init["head"]["kernel"])
+
+  # convert: orbax and a timm folder (read back with its config's heads), not Hugging Face (no CaiT there).
+  convert.convert(str(tmp_path / "cait.pth"), "orbax", str(tmp_path / "orbax"), config={"num_heads": 4})
+  assert checkpoint.load(tmp_path / "orbax")[1]["model"]["family"] == "cait"
+  convert.convert(str(tmp_path / "orbax"), "timm", str(tmp_path / "timm"))
+  back, saved = load_variables(tmp_path / "timm")
+  assert saved["model"]["num_heads"] == 4
+  assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree_util.tree_leaves(back["params"]),
+                                                               jax.tree_util.tree_leaves(params)))
+  with pytest.raises(ValueError, match="A CaiT converts to orbax or timm, not hf"):
+    convert.convert(str(tmp_path / "orbax"), "hf", str(tmp_path / "hf"))

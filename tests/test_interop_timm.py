@@ -213,7 +213,7 @@ def test_swin_exports_to_and_imports_from_timm(version, size, depths, heads):
 
 
 @pytest.mark.parametrize("size, class_depth", [((32, 48), 2), ((32, 32), 1)])
-def test_cait_exports_to_and_imports_from_timm(size, class_depth):
+def test_cait_exports_to_and_imports_from_timm(tmp_path, size, class_depth):
   """timm's `Cait` with our weights (strict), and timm's own perturbed `Cait` read back: logits within 2e-5."""
   from vit_jax.interop import cait
   from vit_jax.models.cait import CaiT
@@ -226,8 +226,11 @@ def test_cait_exports_to_and_imports_from_timm(size, class_depth):
   model = timm.models.cait.Cait(**cait.timm_model_args(settings, size)).eval()
   model.load_state_dict({k: torch.from_numpy(v) for k, v in cait.timm_state_dict(params, settings).items()},
                         strict=True)
+  cait.save_timm(params, settings, tmp_path / "timm", size)  # a hub folder timm builds and loads itself
+  folder = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
   with torch.no_grad():
     assert np.max(np.abs(model(images_t).numpy() - want)) <= TOL and np.std(want) > 0.1
+    assert np.max(np.abs(folder(images_t).numpy() - want)) <= TOL
     for p in model.parameters():
       p.add_(0.1 * torch.randn_like(p))
     theirs = model(images_t).numpy()
@@ -235,3 +238,19 @@ def test_cait_exports_to_and_imports_from_timm(size, class_depth):
                                image_size=size)
   got = np.asarray(CaiT(**{k: v for k, v in found.items() if k != "family"}).apply({"params": back}, images)[0])
   assert np.max(np.abs(got - theirs)) <= TOL
+
+
+def test_peg_is_timms_twins_position_convolution():
+  """CPVT's PEG against timm's `PosConv` (Twins), the same operator: class token aside, patches convolved."""
+  from vit_jax.models.encoder import PositionEncodingGenerator
+  x = np.random.default_rng(6).standard_normal((2, 1 + 4 * 6, 16)).astype(np.float32)
+  peg = PositionEncodingGenerator()
+  params = random_params(peg, x, (4, 6), 1, scale=0.5)
+  got = np.asarray(peg.apply({"params": params}, x, (4, 6), 1))
+  ref = timm.models.twins.PosConv(16, 16).eval()
+  with torch.no_grad():
+    ref.proj[0].weight.copy_(torch.from_numpy(np.asarray(params["conv"]["kernel"]).transpose(3, 2, 0, 1).copy()))
+    ref.proj[0].bias.copy_(torch.from_numpy(np.asarray(params["conv"]["bias"])))
+    want = ref(torch.from_numpy(x[:, 1:].copy()), (4, 6)).numpy()
+  np.testing.assert_array_equal(got[:, 0], x[:, 0])
+  assert np.max(np.abs(got[:, 1:] - want)) <= TOL

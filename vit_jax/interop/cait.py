@@ -112,19 +112,20 @@ def timm_settings(sd: Mapping[str, np.ndarray], num_heads: int | None = None,
     raise ParamMismatchError(f"The CaiT position table has {tokens} rows, not a {grid[0]}x{grid[1]} grid: give the "
                              "image size the model was trained at.")
   gamma = float(np.asarray(sd["blocks.0.gamma_1"]).ravel()[0]) if "blocks.0.gamma_1" in sd else 1e-5
-  settings = settings_of(dict(
+  settings = dict(
       width=int(width), depth=count_blocks(sd, "blocks."), num_heads=int(heads), channels=int(channels),
       patch_size=int(patch), mlp_dim=int(np.shape(sd["blocks.0.mlp.fc1.weight"])[0]),
       class_depth=count_blocks(sd, "blocks_token_only."), qkv_bias="blocks.0.attn.qkv.bias" in sd,
       num_classes=int(np.shape(sd["head.weight"])[0]) if "head.weight" in sd else None,
-      layer_scale_init=1e-6 if abs(gamma) < 1e-5 else 1e-5))  # only the initial value: the weights are read
+      layer_scale_init=1e-6 if abs(gamma) < 1e-5 else 1e-5)  # only the initial value: the weights are read
   return settings, grid
 
 
 def from_timm(sd: Mapping[str, np.ndarray], settings: Mapping[str, Any] | None = None, *,
               image_size: Sequence[int] | int | None = None,
               what: str = "timm CaiT state dict") -> tuple[dict[str, Any], dict[str, Any]]:
-  """`(params, settings)` from timm's / the release's CaiT state dict (the inverse of `timm_state_dict`)."""
+  """`(params, settings)` from timm's / the release's CaiT state dict (the inverse of `timm_state_dict`);
+  the settings are those the weights show (plus `settings`), with `family="cait"`."""
   import jax
   import jax.numpy as jnp
 
@@ -134,8 +135,25 @@ def from_timm(sd: Mapping[str, np.ndarray], settings: Mapping[str, Any] | None =
 
   sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
   found, grid = timm_settings(sd, (settings or {}).get("num_heads"), image_size)
-  s = settings_of(dict(found, **(settings or {})))
+  found.update({k: v for k, v in (settings or {}).items() if k != "family"})
+  s = settings_of(found)
   size = (grid[0] * s["patch_size"], grid[1] * s["patch_size"])
   shapes = jax.eval_shape(lambda: CaiT(**s).init(jax.random.key(0), jnp.zeros((1, *size, s["channels"]))))
   shapes = {k: tuple(v.shape) for k, v in flatten(shapes["params"]).items()}
-  return import_state_dict(sd, lambda p: timm_state_dict(p, s), shapes, what=what), dict(s, family="cait")
+  return import_state_dict(sd, lambda p: timm_state_dict(p, s), shapes, what=what), dict(found, family="cait")
+
+
+def save_timm(params: Mapping[str, Any], settings: Mapping[str, Any], out_dir, image_size: Sequence[int] | int) -> str:
+  """Write a timm folder (`model.safetensors`, `config.json`) that `timm.create_model("local-dir:OUT",
+  pretrained=True)` builds and loads; returns out_dir."""
+  s = settings_of(settings)
+  args = timm_model_args(s, image_size)
+  c = s["channels"]
+  config = {
+      "architecture": "cait_xxs24_224", "num_classes": args["num_classes"], "num_features": s["width"],
+      "model_args": args,  # overrides every size setting of the registered name
+      "pretrained_cfg": {"input_size": [c, *args["img_size"]], "fixed_input_size": True, "interpolation": "bicubic",
+                         "crop_pct": 1.0, "crop_mode": "center", "mean": [0.5] * c, "std": [0.5] * c,
+                         "num_classes": args["num_classes"], "first_conv": "patch_embed.proj", "classifier": "head"},
+  }
+  return common.write_folder(out_dir, timm_state_dict(params, s), config)

@@ -141,9 +141,9 @@ def convert(input_path: str, to: str, output: str, *, config: dict[str, Any] | N
   params = variables.pop("params")
   if image_size is None and saved.get("image_size"):
     image_size = tuple(saved["image_size"])
-  if (saved.get("model") or {}).get("family") == "swin":
-    return _convert_swin(params, dict(saved["model"], **(config or {})), to, output, input_path=input_path,
-                         image_size=image_size, labels=labels, overwrite=overwrite)
+  if (saved.get("model") or {}).get("family") in ("swin", "cait"):
+    return _convert_family(params, dict(saved["model"], **(config or {})), to, output, input_path=input_path,
+                           image_size=image_size, labels=labels, overwrite=overwrite)
   if saved.get("task") == "mae":
     return _convert_mae(params, dict(saved["model"], **(config or {})), to, output, input_path=input_path,
                         image_size=image_size, scan=scan, overwrite=overwrite)
@@ -167,29 +167,32 @@ def convert(input_path: str, to: str, output: str, *, config: dict[str, Any] | N
   return f"wrote {to} to {output}; load it with {how}"
 
 
-def _convert_swin(params, settings, to, output, *, input_path, image_size, labels, overwrite) -> str:
-  """A Swin Transformer: to orbax or to Hugging Face's Swin(v2)ForImageClassification."""
+def _convert_family(params, settings, to, output, *, input_path, image_size, labels, overwrite) -> str:
+  """A Swin Transformer (to orbax or Hugging Face's Swin(v2)ForImageClassification) or a CaiT (to orbax or
+  timm's Cait)."""
   import contextlib
 
   import jax
   import jax.numpy as jnp
 
   from vit_jax import checkpoint, files
-  from vit_jax.interop import swin
+  from vit_jax.interop import cait, swin
   from vit_jax.interop.tree import ParamMismatchError, diff_params
-  from vit_jax.models.swin import SwinTransformer
+  from vit_jax.train.tasks import build_classifier
 
-  if to not in ("orbax", "hf"):
-    raise ValueError(f"A Swin Transformer converts to orbax or hf, not {to}.")
+  family = settings["family"]
+  name, targets = {"swin": ("A Swin Transformer", ("orbax", "hf")), "cait": ("A CaiT", ("orbax", "timm"))}[family]
+  if to not in targets:
+    raise ValueError(f"{name} converts to {' or '.join(targets)}, not {to}.")
   if image_size is None:
-    raise ValueError("The Swin model's image size is unknown: give --image_size.")
+    raise ValueError(f"The {family} model's image size is unknown: give --image_size.")
   model_settings = {k: v for k, v in settings.items() if k != "family"}
   size = tuple(image_size) if np.ndim(image_size) else (int(image_size),) * 2
-  model = SwinTransformer(**model_settings)
+  model = build_classifier(settings)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *size, model.channels))))["params"]
   diff = diff_params(params, shapes)
   if diff:
-    raise ParamMismatchError(f"The weights do not match the Swin settings:\n{diff.describe()}\n"
+    raise ParamMismatchError(f"The weights do not match the {family} settings:\n{diff.describe()}\n"
                              "Fix the settings with --config.")
   building = files.atomic_directory(output, overwrite=overwrite) if files.is_local(output) \
       else contextlib.nullcontext(output)
@@ -198,9 +201,11 @@ def _convert_swin(params, settings, to, output, *, input_path, image_size, label
       swin.save_hf(params, model_settings, out, size, labels)
       cls = swin.hf_config(model_settings, size)["architectures"][0]
       how = f"transformers.{cls}.from_pretrained({output!r})"
+    elif to == "timm":
+      cait.save_timm(params, model_settings, out, size)
+      how = f"timm.create_model('local-dir:{output}', pretrained=True)"
     else:
-      checkpoint.save(out, params, config={"model": dict(settings, family="swin"), "image_size": list(size),
-                                           "source": input_path})
+      checkpoint.save(out, params, config={"model": dict(settings), "image_size": list(size), "source": input_path})
       how = f"vit_jax.checkpoint.load({output!r})"
   return f"wrote {to} to {output}; load it with {how}"
 

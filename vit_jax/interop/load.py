@@ -120,6 +120,9 @@ def _fixed_to_learned(loaded: Mapping[str, Any], saved: Mapping[str, Any], init:
 
 
 def _prefix_count(tree: Mapping[str, Any]) -> int:
+  """Rows of the position table before the patches: CaiT's class token has none (it joins late)."""
+  if "class_block_0" in tree:
+    return 0
   return int("cls" in tree) + int("dist_token" in tree)
 
 

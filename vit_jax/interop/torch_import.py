@@ -384,6 +384,15 @@ def read(sd: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None,
     else:
       params, settings, grid = from_hf(sd, config, what=what)
     variables = {"params": params}
+  elif any(k.endswith("blocks_token_only.0.attn.q.weight") for k in sd):  # CaiT (timm, the release)
+    from vit_jax.interop import cait
+    params, settings = cait.from_timm(sd, {"num_heads": args["num_heads"]} if args.get("num_heads") else None,
+                                      image_size=args.get("img_size"), what=what)
+    size = params["Transformer"]["posembed_input"]["pos_embedding"].shape[1]
+    grid = cait.timm_settings(sd, settings["num_heads"], args.get("img_size"))[1]
+    assert grid[0] * grid[1] == size
+    return {"params": params}, {"model": settings, "image_size": [grid[0] * settings["patch_size"],
+                                                                  grid[1] * settings["patch_size"]]}
   elif "patch_embed.conv1.weight" in sd:  # LV-ViT's conv stem
     variables, settings, grid = from_lvvit(sd, args, what=what)
   elif "decoder_embed.weight" in sd:  # an MAE release with its decoder
@@ -396,7 +405,7 @@ def read(sd: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None,
     raise CheckpointError(f"The {what} holds Hugging Face weights: give the folder with its config.json.")
   else:
     raise CheckpointError(f"The {what} is not a ViT state dict this package reads (timm, Hugging Face, "
-                             f"MAE or LV-ViT names); its first keys are {sorted(sd)[:5]}.")
+                             f"MAE, LV-ViT or CaiT names); its first keys are {sorted(sd)[:5]}.")
   ph, pw = (settings["patch_size"],) * 2 if task == "mae" else settings["patch_size"]
   saved: dict[str, Any] = {"model": settings}
   if task:
