@@ -60,6 +60,10 @@ COVERED = {
     "bench/input_pipeline.py": "tests/test_data.py (the pipeline), tests/test_train.py (the step)",
     "bench/mae_digits.py": "tests/test_mae.py::test_pretrain_finetune_linear_probe_chain (the same runs, tiny)",
     "bench/teacher_digits.py": "tests/test_teacher.py (the same runs, tiny)",
+    "bench/qk_norm_stability.py": "tests/test_block_options.py (QK-norm against torch; the options in the trainer)",
+    "bench/peg_resolution.py":
+        "tests/test_block_options.py::test_trainer_runs_the_options_on_a_data_by_tensor_mesh_and_the_peg_model_grows "
+        "(its evaluation at a larger size)",
 }
 
 
