@@ -129,7 +129,7 @@ def test_peg_is_a_zero_padded_depthwise_conv_with_a_residual_beside_the_class_to
   assert np.max(np.abs(got[:, 1:] - x[:, 1:])) > 0.1
 
 
-@pytest.mark.parametrize("pool", ["token", "gap"])
+@pytest.mark.parametrize("pool", ["token", "gap", "map"])
 def test_cpvt_runs_at_any_resolution_and_scans(pool):
   settings = dict(BASE, posemb="peg", pool_type=pool, depth=3)
   model = VisionTransformer(**settings)

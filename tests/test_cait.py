@@ -67,13 +67,14 @@ def test_scan_matches_unrolled():
 
 
 @pytest.mark.slow
-def test_cait_trains_through_the_trainer_with_layer_decay(tmp_path):
+def test_cait_trains_through_the_trainer_with_layer_decay_on_a_tensor_mesh(tmp_path):
   from configs.vit import get_config
   from vit_jax.train import optim, trainer
   c = get_config("runlocal")
   c.model = dict(family="cait", patch_size=2, width=16, depth=2, num_heads=2, mlp_dim=32, channels=1,
                  drop_path_rate=0.1)
   c.optim.layer_decay = 0.75
+  c.mesh = (("data", 4), ("tensor", 2))  # heads (and the talking-heads mixing across them) split over `tensor`
   c.data.data_dir = str(tmp_path / "tfds")
   final = trainer.train_and_evaluate(c, str(tmp_path / "run"))
   assert 0.0 <= final["eval/accuracy"] <= 1.0
