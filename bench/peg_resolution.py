@@ -5,9 +5,11 @@
 For each seed, trains the demo ViT of configs/vit.py (conv stem, 2x2 patches: a 4x4 grid at 8 px, 800
 steps) twice through `main.py`: with its learned position table, and with `posemb=peg` (no table; a
 depthwise 3x3 convolution after the first block).  Then evaluates both on the 360 test digits at the
-trained 8 px and upsampled (bilinear) to 12 and 16 px (6x6 and 8x8 grids): the PEG model as it is, the
-learned table resized to the new grid with `resize_posemb` (bilinear, vit_jax's mode).  Prints a
-Markdown table of test accuracy.  About 10 minutes on 2 CPU cores.
+trained 8 px and at 12 and 16 px (6x6 and 8x8 grids) two ways: the digit in the middle of a larger
+canvas (`central_pad`: the same strokes, more positions) and the digit upsampled (bilinear `resize`:
+larger strokes as well).  The PEG model runs as it is; the learned table is resized to the new grid
+with `resize_posemb` (bilinear, vit_jax's mode).  Prints a Markdown table of test accuracy.  About 10
+minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mae_digits import run  # noqa: E402
 
 SIZES = (8, 12, 16)
+WAYS = {"canvas": "central_pad", "upsampled": "resize"}
+COLUMNS = [(8, "canvas")] + [(size, way) for way in WAYS for size in SIZES[1:]]
 
 
-def accuracy(workdir: str, size: int) -> float:
-  """Test accuracy of the run's final checkpoint on the digits resized to `size` px."""
+def accuracy(workdir: str, size: int, way: str = "canvas") -> float:
+  """Test accuracy of the run's final checkpoint on the digits at `size` px: on a larger canvas, or upsampled."""
   import jax
   import numpy as np
 
@@ -47,7 +51,8 @@ def accuracy(workdir: str, size: int) -> float:
   apply = jax.jit(lambda v, x: model.apply(v, x)[0])
   source = input_pipeline.get_source("digits", "test")
   correct = count = 0.0
-  for batch in input_pipeline.eval_batches(source, f"decode|resize({size})|value_range(-1, 1)", 120):
+  pp = f"decode|{WAYS[way]}({size})|value_range(-1, 1)"
+  for batch in input_pipeline.eval_batches(source, pp, 120):
     logits = np.asarray(apply({**variables, "params": params}, batch["image"]))
     correct += float(np.sum((logits.argmax(-1) == batch["label"]) * batch["mask"]))
     count += float(np.sum(batch["mask"]))
@@ -61,23 +66,24 @@ def main():
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   models = {"learned table (resized)": "learn", "PEG (as trained)": "peg"}
-  results = {(name, size): [] for name in models for size in SIZES}
+  results = {(name, column): [] for name in models for column in COLUMNS}
   for seed in seeds:
     for name, posemb in models.items():
       workdir = os.path.abspath(os.path.join(args.workdir, f"{posemb}_seed{seed}"))
       run(workdir, "configs/vit.py", f"--config.seed={seed}", f"--config.model.posemb={posemb}")
-      for size in SIZES:
-        results[(name, size)].append(accuracy(workdir, size))
-      print(f"  seed {seed}, {name}: " + ", ".join(f"{s} px {results[(name, s)][-1]:.3f}" for s in SIZES),
-            flush=True)
+      for column in COLUMNS:
+        results[(name, column)].append(accuracy(workdir, *column))
+      print(f"  seed {seed}, {name}: " + ", ".join(f"{s} px {w} {results[(name, (s, w))][-1]:.3f}"
+                                                   for s, w in COLUMNS), flush=True)
 
   print("\nTest accuracy on the digits, trained at 8 px (mean over seeds " + ", ".join(map(str, seeds)) + "; "
         "per seed in brackets):\n")
-  print("| position encoding | " + " | ".join(f"{s} px ({s // 2}x{s // 2} grid)" for s in SIZES) + " |")
-  print("|---|" + "---|" * len(SIZES))
+  print("| position encoding | " + " | ".join(f"{s} px{'' if s == 8 else ', ' + w} ({s // 2}x{s // 2})"
+                                             for s, w in COLUMNS) + " |")
+  print("|---|" + "---|" * len(COLUMNS))
   for name in models:
-    cells = [f"{statistics.mean(results[(name, s)]):.3f} ({' / '.join(f'{a:.3f}' for a in results[(name, s)])})"
-             for s in SIZES]
+    cells = [f"{statistics.mean(results[(name, c)]):.3f} ({' / '.join(f'{a:.3f}' for a in results[(name, c)])})"
+             for c in COLUMNS]
     print(f"| {name} | " + " | ".join(cells) + " |")
 
 

@@ -128,6 +128,14 @@ def test_preprocessing_ops():
   run = lambda spec, r=None: preprocess.apply(preprocess.parse(spec), ex, r)["image"]
   assert run("resize(6, 8)").shape == (6, 8, 3)
   assert np.array_equal(run("central_crop(4, 6)"), image[4:8, 5:11])
+  padded = run("central_pad(16, 20)")
+  assert padded.shape == (16, 20, 3) and np.array_equal(padded[2:14, 2:18], image) and padded.sum() == image.sum()
+  # The geometry follows: the padded image's normalised (y, x) maps back to (16y - 2) / 12, (20x - 2) / 16.
+  geo = preprocess.apply(preprocess.parse("central_pad(16, 20)"), dict(ex, geometry=preprocess.IDENTITY.copy()),
+                         None)["geometry"]
+  np.testing.assert_allclose(geo, [-2 / 12, -2 / 16, 16 / 12, 20 / 16], rtol=1e-6)
+  with pytest.raises(ValueError, match="it is larger; crop it instead"):
+    run("central_pad(8)")
   assert run("inception_crop(10)", rng).shape == (10, 10, 3)
   out = run("value_range(-1, 1)")
   assert out.dtype == np.float32 and np.isclose(out.min(), image.min() / 127.5 - 1)

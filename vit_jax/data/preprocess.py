@@ -12,6 +12,7 @@ deterministic and resumable.
 | `decode` | encoded JPEG/PNG bytes -> HWC uint8 (arrays pass through) |
 | `resize(h[, w])` | bilinear resize |
 | `central_crop(h[, w])` | center crop |
+| `central_pad(h[, w])` | the image at the centre of a larger canvas of zeros (same content scale) |
 | `inception_crop(size, area_min=5, area_max=100)` | random area (%) and aspect ratio in [3/4, 4/3] crop, resized to size |
 | `random_crop_pad(pad)` | pad by `pad` pixels (edge value 0) and crop back to the original size: small shifts |
 | `flip_lr` | random horizontal flip |
@@ -129,6 +130,22 @@ def central_crop(h, w=None):
   return op
 
 
+def central_pad(h, w=None):
+  """Place the image at the centre of a larger `h` x `w` canvas of zeros (the content keeps its scale)."""
+  size = _size(h, w)
+
+  def op(example, rng=None):
+    image = example["image"]
+    ih, iw = image.shape[:2]
+    top, left = (size[0] - ih) // 2, (size[1] - iw) // 2
+    if top < 0 or left < 0:
+      raise ValueError(f"central_pad{size} of an image of shape {image.shape}: it is larger; crop it instead.")
+    padded = np.pad(image, ((top, size[0] - ih - top), (left, size[1] - iw - left)) + ((0, 0),) * (image.ndim - 2))
+    example = _moved(example, -top / ih, -left / iw, size[0] / ih, size[1] / iw)
+    return dict(example, image=padded)
+  return op
+
+
 def inception_crop(size, area_min=5, area_max=100):
   out = _size(size)
 
@@ -178,7 +195,8 @@ def value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0):
 
 
 OPS: dict[str, Callable] = {
-    "decode": lambda: decode, "resize": resize, "central_crop": central_crop, "inception_crop": inception_crop,
+    "decode": lambda: decode, "resize": resize, "central_crop": central_crop, "central_pad": central_pad,
+    "inception_crop": inception_crop,
     "random_crop_pad": random_crop_pad, "flip_lr": lambda: flip_lr, "value_range": value_range,
 }
 RANDOM_OPS = {"inception_crop", "random_crop_pad", "flip_lr"}
