@@ -41,6 +41,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # flax nn.gelu, the official ViTs
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # GPT-2 / iGPT / CLIP: x * sigmoid(1.702 x)
 }
 GATED = {"swiglu": "silu", "geglu": "gelu"}
 
@@ -267,6 +268,8 @@ class Encoder(nn.Module):
     remat_policy: None for no rematerialisation, or a `jax.checkpoint_policies` name
       (e.g. "nothing_saveable", "dots_saveable").
     return_weights: also return every block's attention weights.
+    return_hidden: also return every block's input, `out["hidden"]` `[layers, batch, tokens, width]`
+      (unrolled blocks only).
     proj_bias, qk_norm, talking_heads, parallel, norm_type: see `Encoder1DBlock`.
     peg: CPVT's position encoding generator (`posembed_peg`) after the first block; the call
       then needs the token `grid` and the number of `prefix_tokens`.  Under `scan` the first
@@ -297,6 +300,7 @@ class Encoder(nn.Module):
   remat_policy: str | None = None
   attention_impl: str | None = None
   return_weights: bool = False
+  return_hidden: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
 
@@ -345,10 +349,13 @@ class Encoder(nn.Module):
             x, grid, prefix_tokens)
       return x
 
+    if self.return_hidden and self.scan:
+      raise ValueError("return_hidden needs unrolled blocks (scan=False).")
     out = {}
-    weights = []
+    weights, hidden = [], []
     first = 1 if self.scan and self.peg else 0  # blocks before the scanned ones (the PEG follows block 0)
     for i in range(self.num_layers if not self.scan else first):
+      hidden.append(x)
       x, w = block(name=f"encoderblock_{i}", **block_kw)(x, mask, float(rates[i]), deterministic)
       weights.append(w)
       x = peg(x, i)
@@ -365,6 +372,8 @@ class Encoder(nn.Module):
       weights = jnp.stack(weights)
     if self.return_weights:
       out["attention_weights"] = weights
+    if self.return_hidden:
+      out["hidden"] = jnp.stack(hidden)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
     if self.norm == "pre" if self.final_norm is None else self.final_norm:

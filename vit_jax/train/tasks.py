@@ -17,7 +17,7 @@ Optional, for tasks whose inputs are not images (seq2seq):
   them over the evaluation set (padding dropped) and reports summarize(arrays) -> {name: value}.
   saved_config() -> dict                                stored with every checkpoint (e.g. vocabularies)
 
-Tasks: classification, distill (DeiT), token_label (LV-ViT), mae, seq2seq.
+Tasks: classification, distill (DeiT), token_label (LV-ViT), mae, igpt (Image GPT), seq2seq.
 """
 
 from __future__ import annotations
@@ -343,8 +343,80 @@ class SequenceToSequence:
             "bleu": bleu.corpus_bleu(hyps, [refs]).score, "chrf": bleu.corpus_chrf(hyps, [refs]).score}
 
 
+def load_palette(spec: str) -> np.ndarray:
+  """`"grey:17"` (`palette.grey_palette`) or the path of a `[K, C]` `.npy` palette (`palette.kmeans`)."""
+  from vit_jax.data import palette
+
+  if spec.startswith("grey:"):
+    return palette.grey_palette(int(spec[len("grey:"):]))
+  from vit_jax import files
+  if not files.path(spec).exists():
+    raise FileNotFoundError(f"No palette at {spec!r}: give 'grey:N' or a .npy of [colours, channels] in [-1, 1] "
+                            "(vit_jax.data.palette.kmeans learns one).")
+  with files.path(spec).open("rb") as f:
+    table = np.load(f, allow_pickle=False)
+  if table.ndim != 2 or not np.all(np.abs(table) <= 1.0 + 1e-6):
+    raise ValueError(f"The palette {spec!r} must be [colours, channels] in [-1, 1], got shape {table.shape}.")
+  return table.astype(np.float32)
+
+
+class ImageGPTPretraining:
+  """iGPT pre-training: next-token negative log-likelihood of the palette ids in raster order, the SOS first.
+
+  config.palette: "grey:N" or a `.npy` palette; the images (in [-1, 1]) are quantised to it in the step.
+  Reported as `loss` (nats per token) and `bits_per_dim` (bits per token: one token per pixel; for an RGB
+  palette a token stands for the three channels, as in the paper's palette).
+  """
+
+  def __init__(self, config: Mapping[str, Any], num_classes: int):
+    del num_classes
+    from vit_jax.models.igpt import ImageGPT
+
+    model = config["model"]
+    settings = model.to_dict() if hasattr(model, "to_dict") else dict(model)
+    self.palette = load_palette(str(config.get("palette") or "grey:17"))
+    settings.pop("family", None)
+    settings.setdefault("vocab_size", len(self.palette))
+    if settings["vocab_size"] != len(self.palette):
+      raise ValueError(f"model.vocab_size={settings['vocab_size']} but the palette has {len(self.palette)} colours.")
+    self.settings = dict(settings, channels=int(self.palette.shape[1]))
+    self.model = ImageGPT(**settings)
+    self.constants: dict[str, Any] = {}
+
+  def tokens(self, images: jax.Array) -> jax.Array:
+    """`[B, H, W, C]` in [-1, 1] -> `[B, H * W]` ids of the nearest palette colours (raster order)."""
+    p = jnp.asarray(self.palette)
+    x = images.reshape(images.shape[0], -1, images.shape[-1]).astype(jnp.float32)
+    if x.shape[1] > self.model.num_positions:
+      raise ValueError(f"{images.shape[1]}x{images.shape[2]} images are {x.shape[1]} tokens, more than the model's "
+                       f"{self.model.num_positions} positions.")
+    d = jnp.sum(x ** 2, -1, keepdims=True) - 2.0 * x @ p.T + jnp.sum(p ** 2, -1)
+    return jnp.argmin(d, axis=-1).astype(jnp.int32)
+
+  def nll(self, variables, images, **kwargs) -> jax.Array:
+    """Per-example mean negative log-likelihood (nats per token)."""
+    from vit_jax.models.igpt import sos_shift
+
+    ids = self.tokens(images)
+    logits, _ = self.model.apply(variables, sos_shift(ids, self.model.vocab_size), **kwargs)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids), axis=-1)
+
+  def init(self, rng: jax.Array, images: jax.Array) -> dict[str, Any]:
+    ids = jnp.zeros((1, images.shape[1] * images.shape[2]), jnp.int32)
+    return dict(self.model.init({"params": rng, "dropout": rng}, ids))
+
+  def loss(self, params, extra: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array,
+           constants: Mapping[str, Any] | None = None):
+    nll = jnp.mean(self.nll({"params": params, **extra}, batch["image"], train=True, rngs={"dropout": rng}))
+    return nll, ({"train/bits_per_dim": nll / np.log(2.0)}, dict(extra))
+
+  def evaluate(self, variables: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    nll, mask = self.nll(variables, batch["image"]), batch["mask"]
+    return {"loss": jnp.sum(nll * mask), "bits_per_dim": jnp.sum(nll * mask) / np.log(2.0), "count": jnp.sum(mask)}
+
+
 TASKS = {"classification": Classification, "distill": Distillation, "token_label": TokenLabeling,
-         "mae": MaskedPretraining, "seq2seq": SequenceToSequence}
+         "mae": MaskedPretraining, "seq2seq": SequenceToSequence, "igpt": ImageGPTPretraining}
 
 
 def get_task(config: Mapping[str, Any], num_classes: int, source_info: Mapping[str, Any] | None = None):
