@@ -138,15 +138,18 @@ def test_cpvt_runs_at_any_resolution_and_scans(pool):
   assert tree["Transformer/posembed_peg/conv/kernel"].shape == (3, 3, 1, 32)
   assert not any("pos_embedding" in k for k in tree) and ("cls" in tree) == (pool == "token")
   bigger = np.random.default_rng(6).standard_normal((2, 24, 20, 3)).astype(np.float32)  # a 6x5 grid, no resizing
+  from vit_jax.models.encoder import scan_to_unrolled, unrolled_to_scan
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x, return_attention=True))
+  apply_scan = jax.jit(lambda p, x: VisionTransformer(**settings, scan=True).apply({"params": p}, x,
+                                                                                 return_attention=True))
   for x in (images(), bigger):
-    want, out = model.apply({"params": params}, x, return_attention=True)
+    want, out = apply(params, x)
     assert want.shape == (2, 5) and np.all(np.isfinite(np.asarray(want)))
     # Scanned: block 0 stays unrolled (the PEG follows it), blocks 1..2 are stacked; the same logits.
-    from vit_jax.models.encoder import scan_to_unrolled, unrolled_to_scan
     scanned = unrolled_to_scan(params)
     assert {"encoderblock_0", "encoderblock", "posembed_peg"} <= set(scanned["Transformer"])
     assert jax.tree_util.tree_leaves(scanned["Transformer"]["encoderblock"])[0].shape[0] == 2
-    got, out_scan = VisionTransformer(**settings, scan=True).apply({"params": scanned}, x, return_attention=True)
+    got, out_scan = apply_scan(scanned, x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     assert out_scan["attention_weights"].shape == out["attention_weights"].shape
     back = flatten(scan_to_unrolled(scanned))

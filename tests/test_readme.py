@@ -30,6 +30,7 @@ COVERED = {
     "make test": "CI (.ci/run)",
     "jupyter execute": "tests/test_notebooks.py::test_notebook_runs_and_draws_its_figures (the same runner)",
     "make test-timm": "tests/test_interop_timm.py (with timm installed)",
+    "configs/igpt.py": "tests/test_igpt.py::test_igpt_pretrains_on_the_digits_through_the_trainer",
     "configs/swin.py": "tests/test_swin.py::test_configs_swin_distils_through_the_trainer_with_layer_decay",
     "configs/mae.py": "tests/test_mae.py::test_pretrain_finetune_linear_probe_chain; notebooks/mae.ipynb",
     "vit_jax.evaluate.reconstruct": "tests/test_mae.py::test_pretrain_finetune_linear_probe_chain",
