@@ -146,3 +146,97 @@ def test_igpt_pretrains_on_the_digits_through_the_trainer(tmp_path):
   with pytest.raises(ValueError, match="model.vocab_size=17 but the palette has 5 colours"):
     c.model.vocab_size = 17
     tasks.get_task(c, 10)
+
+  # Fine-tuning as a classifier from that checkpoint: every pre-trained weight loads by name (step 0
+  # reproduces the pre-trained next-pixel logits), the new head starts at zero, and it learns.
+  from vit_jax import checkpoint
+  from vit_jax.interop.tree import flatten
+  from vit_jax.models.igpt import sos_shift
+  f = get_config(f"mode=finetune,runlocal,init={tmp_path / 'run'},split=train[:50%]")
+  f.update(dict(total_steps=30, log_steps=10, eval_steps=30, checkpoint_steps=30, num_devices=2, batch_size=32))
+  f.model.update(width=32, depth=2, num_heads=2)
+  f.data.data_dir = str(tmp_path / "tfds")
+  f.optim.lr = 0.0  # step 0's parameters stay: compare them with the pre-trained ones
+  f.optim.schedule.warmup_steps = 0
+  trainer.train_and_evaluate(f, str(tmp_path / "ft0"))
+  pre, tuned = flatten(checkpoint.load(str(tmp_path / "run"))[0]), flatten(checkpoint.load(str(tmp_path / "ft0"))[0])
+  assert sorted(tuned) == sorted([*pre, "head/bias", "head/kernel"])
+  assert all(np.array_equal(pre[k], tuned[k]) for k in pre) and not np.any(tuned["head/kernel"])
+  classifier = tasks.get_task(f, 10).model
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32)
+  params = checkpoint.load(str(tmp_path / "ft0"))[0]
+  logits, out = classifier.apply({"params": params}, x)
+  want, _ = task.model.apply({"params": checkpoint.load(str(tmp_path / "run"))[0]},
+                             sos_shift(task.tokens(x), 17))
+  np.testing.assert_allclose(np.asarray(out["lm_logits"]), np.asarray(want), atol=1e-6)
+  f.optim.lr, f.total_steps, f.eval_steps, f.checkpoint_steps = 3e-3, 60, 60, 60
+  trainer.train_and_evaluate(f, str(tmp_path / "ft"))
+  losses = [json.loads(line)["train/loss"] for line in open(tmp_path / "ft" / "metrics.jsonl") if "train/loss" in line]
+  assert losses[0] > 2.2 and max(losses[-2:]) < losses[0] - 0.05, losses  # from log(10) with the head at zero
+  f.model.channels = 3
+  with pytest.raises(ValueError, match="model.channels=3 but the palette's colours have 1 channels"):
+    trainer.train_and_evaluate(f, str(tmp_path / "ft_bad"))
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+def hf_params():
+  model, config = hf_model()
+  return igpt_interop.from_hf({k: v.numpy() for k, v in model.state_dict().items()}, config.to_dict())[0]
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_key_value_cache_gives_the_full_forward_logits(scan):
+  """A prompt of 10 tokens at once, then one token at a time through the cache: every position's
+  logits equal the full causal forward's (1e-5), unrolled and scanned."""
+  from vit_jax.models.encoder import unrolled_to_scan
+  from vit_jax.models.igpt import init_cache
+
+  params = hf_params()
+  if scan:
+    params = dict(params, Transformer=unrolled_to_scan(params["Transformer"]))
+  model = ImageGPT(**SETTINGS, scan=scan)
+  _, x = ids(seed=3)
+  full, _ = model.apply({"params": params}, x)
+  cache = init_cache(model, 2)
+  assert cache["key"].shape == (3, 2, 64, 4, 8)
+  logits, out = model.apply({"params": params}, x[:, :10], cache=cache, cache_index=0)
+  steps = [logits]
+  step = jax.jit(lambda c, t, i: model.apply({"params": params}, t, cache=c, cache_index=i))
+  cache = out["cache"]
+  for i in range(10, 64):
+    logits, out = step(cache, x[:, i:i + 1], i)
+    steps.append(logits)
+    cache = out["cache"]
+  np.testing.assert_allclose(np.concatenate(steps, 1), np.asarray(full), atol=1e-5)
+  assert np.std(np.asarray(full)) > 0.1
+
+
+def test_completion_keeps_the_prompt_and_greedy_follows_the_full_model():
+  """Greedy completion (temperature 0) against a loop that reruns the whole model for every pixel;
+  top-k 1 sampling is greedy; samples depend on the key and only on it."""
+  from vit_jax import decode
+
+  params = hf_params()
+  model = ImageGPT(**SETTINGS)
+  pixels, _ = ids(seed=4)
+  prompt = pixels[:, :24]
+  complete = jax.jit(lambda p, prompt, rng, t, k: decode.complete_images(
+      model, {"params": p}, prompt, rng, length=40, temperature=t, top_k=k), static_argnums=(3, 4))
+  greedy = np.asarray(complete(params, prompt, None, 0.0, None))
+  want = prompt.copy()
+  for _ in range(24, 40):
+    logits, _ = model.apply({"params": params}, np.asarray(sos_shift(np.pad(want, ((0, 0), (0, 1))), 17)))
+    want = np.concatenate([want, np.argmax(np.asarray(logits[:, -1]), -1)[:, None]], 1)
+  assert greedy.shape == (2, 40) and np.array_equal(greedy[:, :24], prompt)
+  assert np.array_equal(greedy, want)
+  rng = jax.random.PRNGKey(0)
+  assert np.array_equal(np.asarray(complete(params, prompt, rng, 1.0, 1)), greedy)
+  a, b = (np.asarray(complete(params, prompt, rng, 1.0, None)) for _ in range(2))
+  c = np.asarray(complete(params, prompt, jax.random.PRNGKey(1), 1.0, None))
+  assert np.array_equal(a, b) and not np.array_equal(a, c) and not np.array_equal(a, greedy)
+  assert a.min() >= 0 and a.max() < 17
+  # from nothing: the SOS alone starts the image
+  assert np.asarray(complete(params, prompt[:, :0], rng, 1.0, None)).shape == (2, 40)
+  with pytest.raises(ValueError, match="prompt must be shorter than length"):
+    decode.complete_images(model, {"params": params}, pixels[:, :40], rng, length=40)

@@ -1,14 +1,18 @@
-"""Autoregressive decoding for `vit_jax.models.seq2seq.Seq2Seq`: greedy and beam search.
+"""Autoregressive decoding: one loop for the seq2seq decoders and Image GPT; beam search.
 
-Both run under `jax.jit` with static shapes: one `lax.while_loop` over at most `max_len` steps that exits
-early once every sequence has ended.  The decoder state (RNN carries, or the Transformer's key / value
-cache) is carried through the loop; the attention weights of every step are returned for plotting.
+`generate` runs any step function `step(state, tokens [batch]) -> (state, logits [batch, vocab], extra)`
+under `jax.jit` with static shapes: one `lax.while_loop` over at most `steps` tokens that feeds each
+chosen token back, stops early once every sequence has ended, and picks tokens greedily
+(temperature 0) or by sampling with a temperature and top-k.  The decoder state (RNN carries, or a
+Transformer's key / value cache) is carried through the loop.
 
     greedy_fn = jax.jit(functools.partial(greedy, model, max_len=80))
     tokens, weights = greedy_fn(variables, source)             # [batch, 80] ids, [batch, 80, src]
+    tokens, _ = sample(model, variables, source, rng, max_len=80, temperature=0.8, top_k=20)
     out = beam_search(model, variables, source, max_len=80, beam_size=4, alpha=0.6)
+    pixels = complete_images(igpt, variables, prompt, rng, length=64, temperature=1.0)   # Image GPT
 
-Output ids include the end token; positions after it are padding (0).
+Seq2seq output ids include the end token; positions after it are padding (0).
 """
 
 from __future__ import annotations
@@ -24,6 +28,64 @@ from vit_jax.data.text import END_ID, PAD_ID, START_ID
 
 NEG_INF = -1.0e9
 
+StepFn = Callable[[Any, jax.Array], tuple[Any, jax.Array, Any]]
+
+
+def choose(logits: jax.Array, rng: jax.Array | None = None, *, temperature: float = 0.0,
+           top_k: int | None = None) -> jax.Array:
+  """Token ids `[batch]` from `logits [batch, vocab]`: the argmax at temperature 0, otherwise a sample from
+  softmax(logits / temperature) restricted to the `top_k` most probable tokens (ties with the k-th kept)."""
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}.")
+  if top_k is not None and not 1 <= top_k:
+    raise ValueError(f"top_k must be a positive number of tokens, got {top_k}.")
+  if temperature == 0:
+    return jnp.argmax(logits, -1).astype(jnp.int32)
+  if rng is None:
+    raise ValueError("Sampling (temperature > 0) needs an rng.")
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k is not None and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(step: StepFn, state: Any, first: jax.Array, *, steps: int, rng: jax.Array | None = None,
+             temperature: float = 0.0, top_k: int | None = None, end_id: int | None = None,
+             pad_id: int = PAD_ID) -> tuple[jax.Array, Any]:
+  """Feed `first [batch]` to `step`, then each chosen token, for at most `steps` tokens.
+
+  A sequence ends after it chooses `end_id` (None: never); later positions hold `pad_id` and zero
+  extras, and the loop stops once all have ended.  Sampling draws step i's tokens with
+  `fold_in(rng, i)`.  Returns `(tokens [batch, steps], extras [batch, steps, ...])`, the extras being
+  what `step` returns beside the logits (None for none).
+  """
+  batch = first.shape[0]
+  _, _, extra_shape = jax.eval_shape(step, state, first)
+  extras = jax.tree_util.tree_map(lambda s: jnp.zeros((batch, steps) + s.shape[1:], jnp.float32), extra_shape)
+
+  def cond(carry):
+    i, done = carry[2], carry[5]
+    return (i < steps) & ~jnp.all(done)
+
+  def body(carry):
+    state, previous, i, tokens, extras, done = carry
+    state, logits, extra = step(state, previous)
+    key = None if rng is None else jax.random.fold_in(rng, i)
+    token = jnp.where(done, pad_id, choose(logits, key, temperature=temperature, top_k=top_k))
+    tokens = tokens.at[:, i].set(token)
+    put = lambda acc, e: acc.at[:, i].set(
+        jnp.where(done.reshape((-1,) + (1,) * (e.ndim - 1)), 0.0, e.astype(jnp.float32)))
+    extras = jax.tree_util.tree_map(put, extras, extra)
+    if end_id is not None:
+      done = done | (token == end_id)
+    return state, token, i + 1, tokens, extras, done
+
+  init = (state, first.astype(jnp.int32), jnp.int32(0), jnp.zeros((batch, steps), jnp.int32), extras,
+          jnp.zeros((batch,), bool))
+  _, _, _, tokens, extras, _ = jax.lax.while_loop(cond, body, init)
+  return tokens, extras
+
 
 def _encode(model, variables, source: jax.Array, max_len: int):
   memory = model.apply(variables, source, method="encode")
@@ -37,25 +99,47 @@ def _step(model, variables, state, tokens, memory):
 
 def greedy(model, variables, source: jax.Array, *, max_len: int) -> tuple[jax.Array, jax.Array]:
   """Most probable token at every step.  Returns `(tokens [batch, max_len], weights [batch, max_len, src])`."""
+  return sample(model, variables, source, None, max_len=max_len)
+
+
+def sample(model, variables, source: jax.Array, rng: jax.Array | None, *, max_len: int,
+           temperature: float = 0.0, top_k: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Seq2seq decoding by `generate` (greedy at temperature 0): `(tokens, weights [batch, max_len, src])`."""
   memory, state = _encode(model, variables, source, max_len)
-  batch, src = source.shape
+  step = lambda state, tokens: _step(model, variables, state, tokens, memory)
+  first = jnp.full((source.shape[0],), START_ID, jnp.int32)
+  return generate(step, state, first, steps=max_len, rng=rng, temperature=temperature, top_k=top_k,
+                  end_id=END_ID)
 
-  def cond(carry):
-    i, done = carry[2], carry[5]
-    return (i < max_len) & ~jnp.all(done)
 
-  def body(carry):
-    state, previous, i, tokens, weights, done = carry
-    state, logits, w = _step(model, variables, state, previous, memory)
-    token = jnp.where(done, PAD_ID, jnp.argmax(logits, -1).astype(jnp.int32))
-    tokens = tokens.at[:, i].set(token)
-    weights = weights.at[:, i].set(jnp.where(done[:, None], 0.0, w.astype(jnp.float32)))
-    return state, token, i + 1, tokens, weights, done | (token == END_ID)
+def complete_images(model, variables, prompt: jax.Array, rng: jax.Array | None, *, length: int | None = None,
+                    temperature: float = 1.0, top_k: int | None = None) -> jax.Array:
+  """Image GPT: continue palette ids `prompt [batch, P]` (raster order; P may be 0) to `length` tokens
+  (default the model's positions), sampling with a key / value cache.  Returns `[batch, length]` ids,
+  the prompt first.  The prompt goes through the model at once; then one token per step.
+  """
+  from vit_jax.models.igpt import init_cache
 
-  init = (state, jnp.full((batch,), START_ID, jnp.int32), jnp.int32(0), jnp.zeros((batch, max_len), jnp.int32),
-          jnp.zeros((batch, max_len, src), jnp.float32), jnp.zeros((batch,), bool))
-  _, _, _, tokens, weights, _ = jax.lax.while_loop(cond, body, init)
-  return tokens, weights
+  batch, p = prompt.shape
+  length = length or model.num_positions
+  if not 0 <= p < length <= model.num_positions:
+    raise ValueError(f"A prompt of {p} tokens cannot be completed to {length} with {model.num_positions} "
+                     "positions: the prompt must be shorter than length, and length at most the positions.")
+  prompt = jnp.asarray(prompt, jnp.int32)
+  sos = jnp.full((batch, 1), model.vocab_size, jnp.int32)
+  state = {"cache": init_cache(model, batch, length), "index": jnp.int32(0)}
+  if p:  # the SOS and every prompt token but the last fill the cache; the last one is fed to the loop
+    _, out = model.apply(variables, jnp.concatenate([sos, prompt[:, :-1]], 1), cache=state["cache"],
+                         cache_index=0)
+    state = {"cache": out["cache"], "index": jnp.int32(p)}
+
+  def step(state, tokens):
+    logits, out = model.apply(variables, tokens[:, None], cache=state["cache"], cache_index=state["index"])
+    return {"cache": out["cache"], "index": state["index"] + 1}, logits[:, 0], None
+
+  first = prompt[:, -1] if p else sos[:, 0]
+  tokens, _ = generate(step, state, first, steps=length - p, rng=rng, temperature=temperature, top_k=top_k)
+  return jnp.concatenate([prompt, tokens], axis=1)
 
 
 def greedy_python(model, variables, source, *, max_len: int, step_fn: Callable | None = None):

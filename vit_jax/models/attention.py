@@ -43,6 +43,25 @@ def causal_mask(q_len: int, kv_len: int | None = None) -> Array:
   return jnp.tril(jnp.ones((q_len, kv_len), dtype=bool))
 
 
+def init_cache(batch: int, length: int, heads: int, head_dim: int, dtype=jnp.float32,
+               v_head_dim: int | None = None) -> dict[str, Array]:
+  """An empty key / value cache `{"key", "value"}: [batch, length, heads, head_dim]` for decoding."""
+  return {"key": jnp.zeros((batch, length, heads, head_dim), dtype),
+          "value": jnp.zeros((batch, length, heads, v_head_dim or head_dim), dtype)}
+
+
+def update_cache(cache: dict[str, Array], key: Array, value: Array, index: Array | int):
+  """Write `key` / `value` `[batch, n, heads, d]` of the tokens at positions index..index+n-1 into
+  `cache`; returns `(cache, mask [n, length])`, where token j may attend cached positions <= index + j
+  (causal; the unwritten rest of the cache is masked)."""
+  axis = key.ndim - 3
+  k = jax.lax.dynamic_update_slice_in_dim(cache["key"], key.astype(cache["key"].dtype), index, axis=axis)
+  v = jax.lax.dynamic_update_slice_in_dim(cache["value"], value.astype(cache["value"].dtype), index, axis=axis)
+  n, length = key.shape[-3], k.shape[-3]
+  mask = jnp.arange(length)[None, :] <= index + jnp.arange(n)[:, None]
+  return {"key": k, "value": v}, mask
+
+
 def masked_softmax(logits: Array, mask: Array | None = None, axis: int = -1) -> Array:
   """Float32 softmax in which masked entries get exactly zero probability.
 
@@ -228,6 +247,10 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: dropout on the attention probabilities.
     broadcast_dropout: share that dropout mask over batch and heads.
     implementation: `None` / "xla" / "cudnn" for `jax.nn.dot_product_attention`.
+
+  Decoding: self-attention called with `cache` (`init_cache`) and `cache_index` writes the keys and
+  values of its tokens (positions cache_index.. of the sequence) into the cache, attends causally to
+  everything cached so far, and returns the new cache as its last output.
   """
   num_heads: int
   qk_features: int | None = None
@@ -251,15 +274,20 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_k: Array | None = None, inputs_v: Array | None = None, *,
                mask: Array | None = None, bias: Array | None = None, is_causal: bool = False,
-               deterministic: bool = True, return_weights: bool = False):
+               deterministic: bool = True, return_weights: bool = False,
+               cache: dict[str, Array] | None = None, cache_index: Array | int | None = None):
     """Attend from `inputs_q: [batch..., q_len, e_q]` to keys/values.
 
     `inputs_k: [batch..., kv_len, e_k]` defaults to `inputs_q`; `inputs_v:
     [batch..., kv_len, e_v]` defaults to `inputs_k`.  `mask` / `bias` broadcast
     to `[batch..., heads, q_len, kv_len]`.  Returns `[batch..., q_len, d_o]`,
-    plus the weights `[batch..., heads, q_len, kv_len]` with `return_weights`.
+    plus the weights `[batch..., heads, q_len, kv_len]` with `return_weights`, plus the updated
+    cache when called with `cache` (see the class docstring).
     """
     self_attention = inputs_k is None and inputs_v is None
+    if cache is not None and (not self_attention or cache_index is None or is_causal):
+      raise ValueError("A key / value cache is for self-attention: pass cache and cache_index, no inputs_k / "
+                       "inputs_v, and no is_causal (the cache is causal).")
     inputs_k = inputs_q if inputs_k is None else inputs_k
     inputs_v = inputs_k if inputs_v is None else inputs_v
     h = self.num_heads
@@ -321,6 +349,10 @@ class MultiHeadAttention(nn.Module):
         return lambda a: (jnp.einsum("...hqk,hg->...gqk", a, cast(kernel), precision=self.precision)
                           + cast(b)[:, None, None])
       logits_fn, weights_fn = mix("talking_heads_pre"), mix("talking_heads_post")
+    if cache is not None:
+      cache, cache_mask = update_cache(cache, k, v, cache_index)
+      k, v = cache["key"].astype(dtype), cache["value"].astype(dtype)
+      mask = cache_mask if mask is None else jnp.logical_and(mask, cache_mask)
     use_dropout = self.dropout_rate > 0.0 and not deterministic
     result = dot_product_attention(
         q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale, dropout_rate=self.dropout_rate,
@@ -333,7 +365,10 @@ class MultiHeadAttention(nn.Module):
     y = jnp.dot(out, cast(wo).reshape(h * dv, out_features), precision=self.precision)
     if bo is not None:
       y = y + cast(bo)
-    return (y, weights) if return_weights else y
+    result = (y, weights) if return_weights else (y,)
+    if cache is not None:
+      result = result + (cache,)
+    return result if len(result) > 1 else y
 
 
 # ---------------------------------------------------------------------------

@@ -165,10 +165,12 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, drop_path_rate: float | Array = 0.0,
-               deterministic: bool = True) -> tuple[Array, Array | None]:
+               deterministic: bool = True, cache: dict[str, Array] | None = None,
+               cache_index: Array | int | None = None):
     """`x: [batch, tokens, width]`, `mask` broadcastable to `[batch, heads, tokens, tokens]`.
 
-    Returns `(x, attention weights [batch, heads, tokens, tokens] or None)`.
+    Returns `(x, attention weights [batch, heads, tokens, tokens] or None)`; with a key / value
+    `cache` (decoding: `x` holds the tokens at positions cache_index..), `(x, (weights, new cache))`.
     """
     if self.norm not in ("pre", "post"):
       raise ValueError(f"Unknown norm placement {self.norm!r}: choose 'pre' or 'post'.")
@@ -195,10 +197,15 @@ class Encoder1DBlock(nn.Module):
     mlp = MlpBlock(self.mlp_dim, activation=self.activation, dropout_rate=self.dropout_rate,
                    use_bias=self.proj_bias, in_bias=True if self.parallel else None, dtype=self.dtype,
                    param_dtype=self.param_dtype, name="MlpBlock_0")
-    weights = []
+    weights, caches = [], []
 
     def self_attention(y):
-      out = attn(y, mask=mask, deterministic=deterministic, return_weights=self.return_weights)
+      kw = {} if cache is None else dict(cache=cache, cache_index=cache_index)
+      out = attn(y, mask=mask, deterministic=deterministic, return_weights=self.return_weights, **kw)
+      if cache is not None:
+        *out, new_cache = out
+        caches.append(new_cache)
+        out = out if self.return_weights else out[0]
       if self.return_weights:
         out, w = out
         weights.append(w)
@@ -209,7 +216,8 @@ class Encoder1DBlock(nn.Module):
     else:
       x = residual(x, self_attention, 0)
       x = residual(x, lambda y: mlp(y, deterministic), 1)
-    return x, (weights[0] if weights else None)
+    w = weights[0] if weights else None
+    return (x, w) if cache is None else (x, (w, caches[0]))
 
 
 class PositionEncodingGenerator(nn.Module):
@@ -274,6 +282,11 @@ class Encoder(nn.Module):
     peg: CPVT's position encoding generator (`posembed_peg`) after the first block; the call
       then needs the token `grid` and the number of `prefix_tokens`.  Under `scan` the first
       block stays unrolled (`encoderblock_0`) and the others are scanned (`encoderblock`).
+
+  Decoding (causal models): called with `cache` (`init_cache(...)`: keys and values of every block,
+  `[layers, batch, length, heads, head_dim]`) and `cache_index`, the tokens in `x` are positions
+  cache_index.. of the sequence; they attend causally to the cached ones and `out["cache"]` holds
+  the cache with theirs written in.  Unrolled or scanned alike.
   """
   num_layers: int
   mlp_dim: int
@@ -307,7 +320,8 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, posemb: Array | None = None, mask: Array | None = None,
                deterministic: bool = True, grid: tuple[int, int] | None = None,
-               prefix_tokens: int = 0) -> tuple[Array, dict[str, Array]]:
+               prefix_tokens: int = 0, cache: dict[str, Array] | None = None,
+               cache_index: Array | int | None = None) -> tuple[Array, dict[str, Array]]:
     """`x: [batch, tokens, width]`; `posemb`: a fixed table added to x (e.g. sin-cos); `grid` and
     `prefix_tokens`: the layout of the tokens, for `peg`.
 
@@ -351,23 +365,41 @@ class Encoder(nn.Module):
 
     if self.return_hidden and self.scan:
       raise ValueError("return_hidden needs unrolled blocks (scan=False).")
+    if cache is not None:
+      if self.peg:
+        raise ValueError("A PEG encoder reads the whole token grid at once; it cannot decode with a cache.")
+      depth = jax.tree_util.tree_leaves(cache)[0].shape[0]
+      if depth != self.num_layers or cache_index is None:
+        raise ValueError(f"The cache has {depth} layers for {self.num_layers} blocks (or no cache_index): "
+                         "make it with init_cache for this encoder.")
     out = {}
-    weights, hidden = [], []
+    weights, hidden, caches = [], [], []
     first = 1 if self.scan and self.peg else 0  # blocks before the scanned ones (the PEG follows block 0)
     for i in range(self.num_layers if not self.scan else first):
       hidden.append(x)
-      x, w = block(name=f"encoderblock_{i}", **block_kw)(x, mask, float(rates[i]), deterministic)
+      args = () if cache is None else (jax.tree_util.tree_map(lambda a, i=i: a[i], cache), cache_index)
+      x, w = block(name=f"encoderblock_{i}", **block_kw)(x, mask, float(rates[i]), deterministic, *args)
+      if cache is not None:
+        w, layer_cache = w
+        caches.append(layer_cache)
       weights.append(w)
       x = peg(x, i)
     if self.scan and self.num_layers > first:
       ramp = self.drop_path_rate > 0
+      in_axes = (nn.broadcast, 0 if ramp else nn.broadcast, nn.broadcast)
+      args = ()
+      if cache is not None:
+        in_axes, args = in_axes + (0, nn.broadcast), (cache, cache_index)
       block = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, 0 if ramp else nn.broadcast, nn.broadcast),
-                      length=self.num_layers - first)
+                      in_axes=in_axes, length=self.num_layers - first)
       x, w = block(name="encoderblock", **block_kw)(
-          x, mask, jnp.asarray(rates[first:], jnp.float32) if ramp else 0.0, deterministic)
+          x, mask, jnp.asarray(rates[first:], jnp.float32) if ramp else 0.0, deterministic, *args)
+      if cache is not None:
+        w, out["cache"] = w
       if self.return_weights:
         weights = [*weights, *w] if first else w
+    if cache is not None and caches:
+      out["cache"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *caches)
     if self.return_weights and isinstance(weights, list):
       weights = jnp.stack(weights)
     if self.return_weights:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models.attention import (AdditiveAttention, LocalAttention, LuongAttention, _Projection,
-                                      dot_product_attention)
+                                      dot_product_attention, init_cache, update_cache)
 from vit_jax.models.encoder import Encoder, MlpBlock
 
 Array = jax.Array
@@ -275,10 +275,8 @@ class DecoderBlock(nn.Module):
     if cache is None:
       self_mask = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
     else:  # write this step's key / value at `index`, attend to positions <= index
-      k = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), index, axis=1)
-      cache = {"key": k, "value": v}
-      self_mask = (jnp.arange(k.shape[1]) <= index)[None, :]
+      cache, self_mask = update_cache(cache, k, v, index)
+      k, v = cache["key"], cache["value"]
     y, _ = self.self_attention(y, k, v, self_mask, deterministic)
     x = x + self.dropout(y, deterministic)
     y, weights = self.cross_attention(self.norm_cross(x), *cross_kv, cross_mask, deterministic)
@@ -376,8 +374,7 @@ class Seq2Seq(nn.Module):
       return state
     max_len = max_len or self.max_len
     h = self.num_heads
-    zeros = jnp.zeros((batch, max_len, h, self.hidden // h), jnp.float32)
-    return {"cache": tuple({"key": zeros, "value": zeros} for _ in self.blocks),
+    return {"cache": tuple(init_cache(batch, max_len, h, self.hidden // h) for _ in self.blocks),
             "index": jnp.zeros((), jnp.int32)}
 
   def step(self, state: dict[str, Any], tokens: Array, memory: dict[str, Any], deterministic: bool = True):

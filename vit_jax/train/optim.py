@@ -124,7 +124,7 @@ def layer_ids(params: Mapping[str, Any]) -> dict[str, int]:
       ids[k] = before[int(m[1])] + int(m[2]) + 1
     elif m := re.search(r"^stage_(\d+)/merge/", k):
       ids[k] = before[int(m[1])] + stage_depths[int(m[1])]
-    elif re.search(r"^(embedding|embedding_norm|stem|cls|dist_token|Transformer/posembed_(input|peg))(/|$)", k):
+    elif re.search(r"^(embedding|embedding_norm|stem|cls|dist_token|Transformer/posembed_(input|peg)|wte|wpe)(/|$)", k):
       ids[k] = 0
     else:
       ids[k] = depth + 1

@@ -54,7 +54,14 @@ def build_classifier(settings: Mapping[str, Any]):
     return CaiT(**settings)
   if family == "birnn":
     return BiRNNClassifier(**settings)
-  raise ValueError(f"Unknown model family {family!r}: choose 'vit', 'swin', 'cait' or 'birnn'.")
+  if family == "igpt":
+    from vit_jax.models.igpt import ImageGPTClassifier
+    colours = load_palette(str(settings.pop("palette", None) or "grey:17"))
+    settings.setdefault("vocab_size", len(colours))
+    if settings["vocab_size"] != len(colours):
+      raise ValueError(f"model.vocab_size={settings['vocab_size']} but the palette has {len(colours)} colours.")
+    return ImageGPTClassifier(palette=tuple(map(tuple, colours.tolist())), **settings)
+  raise ValueError(f"Unknown model family {family!r}: choose 'vit', 'swin', 'cait', 'igpt' or 'birnn'.")
 
 
 class Classification:
@@ -385,13 +392,12 @@ class ImageGPTPretraining:
 
   def tokens(self, images: jax.Array) -> jax.Array:
     """`[B, H, W, C]` in [-1, 1] -> `[B, H * W]` ids of the nearest palette colours (raster order)."""
-    p = jnp.asarray(self.palette)
-    x = images.reshape(images.shape[0], -1, images.shape[-1]).astype(jnp.float32)
-    if x.shape[1] > self.model.num_positions:
-      raise ValueError(f"{images.shape[1]}x{images.shape[2]} images are {x.shape[1]} tokens, more than the model's "
-                       f"{self.model.num_positions} positions.")
-    d = jnp.sum(x ** 2, -1, keepdims=True) - 2.0 * x @ p.T + jnp.sum(p ** 2, -1)
-    return jnp.argmin(d, axis=-1).astype(jnp.int32)
+    from vit_jax.models.igpt import quantize
+
+    if images.shape[1] * images.shape[2] > self.model.num_positions:
+      raise ValueError(f"{images.shape[1]}x{images.shape[2]} images are {images.shape[1] * images.shape[2]} tokens, "
+                       f"more than the model's {self.model.num_positions} positions.")
+    return quantize(images, self.palette)
 
   def nll(self, variables, images, **kwargs) -> jax.Array:
     """Per-example mean negative log-likelihood (nats per token)."""
