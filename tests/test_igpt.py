@@ -147,6 +147,20 @@ def test_igpt_pretrains_on_the_digits_through_the_trainer(tmp_path):
     c.model.vocab_size = 17
     tasks.get_task(c, 10)
 
+  # The completion grid: original | given | samples, from the command line.
+  from PIL import Image
+
+  from vit_jax.evaluate import complete
+  assert complete.main(["--workdir", str(tmp_path / "run"), "--num", "3", "--samples", "2", "--top_k", "5"]) == 0
+  with Image.open(tmp_path / "run" / "completions.png") as img:
+    grid = np.asarray(img.convert("L"))
+  assert grid.shape == (3 * 98 + 2, 4 * 98 + 2) and grid.std() > 10  # 3 rows x 4 columns of 96 px cells
+  cell = lambda r, c: grid[2 + 98 * r:2 + 98 * r + 96, 2 + 98 * c:2 + 98 * c + 96]
+  for r in range(3):  # the top half given and kept by every sample; the given column's bottom half is grey
+    top = cell(r, 0)[:48]
+    assert all(np.array_equal(cell(r, c)[:48], top) for c in (1, 2, 3))
+    assert np.ptp(cell(r, 1)[48:]) == 0
+
   # Fine-tuning as a classifier from that checkpoint: every pre-trained weight loads by name (step 0
   # reproduces the pre-trained next-pixel logits), the new head starts at zero, and it learns.
   from vit_jax import checkpoint

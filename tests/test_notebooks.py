@@ -14,7 +14,7 @@ NOTEBOOKS = ROOT / "notebooks"
 FIGURES = {
     "quickstart": ["quickstart_training_curve.png", "quickstart_predictions.png"],
     "attention_maps": ["attention_heads.png", "attention_rollout.png", "swin_windows.png"],
-    "mae": ["mae_reconstructions.png", "mae_mask_ratios.png"],
+    "mae": ["mae_reconstructions.png", "mae_mask_ratios.png", "igpt_completions.png"],
     "seq2seq": ["seq2seq_alignment.png"],
     "export": ["export_logits.png"],
 }

@@ -23,19 +23,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from vit_jax.interop import common
-from vit_jax.interop.common import contiguous, named, torch_conv, torch_heads_in, torch_heads_out, torch_linear, torch_norm
+from vit_jax.interop.common import contiguous, dataclass_settings, named, torch_conv, torch_heads_in, torch_heads_out, torch_linear, torch_norm
 
 
 def settings_of(settings: Mapping[str, Any]) -> dict[str, Any]:
   """`CaiT` settings with defaults filled in (no `family`)."""
   from vit_jax.models.cait import CaiT
 
-  fields = {k: f.default for k, f in CaiT.__dataclass_fields__.items() if k not in ("parent", "name")}
-  given = {k: v for k, v in settings.items() if k != "family"}
-  unknown = sorted(set(given) - set(fields))
-  if unknown:
-    raise ValueError(f"Unknown CaiT setting(s) {unknown}.")
-  return dict(fields, **given)
+  return dataclass_settings(CaiT, settings, "CaiT")
 
 
 def timm_model_args(settings: Mapping[str, Any], image_size: Sequence[int] | int) -> dict[str, Any]:

@@ -38,6 +38,18 @@ def model_settings(config: Mapping[str, Any] | None = None, **overrides: Any) ->
   return settings
 
 
+def dataclass_settings(module_class, settings: Mapping[str, Any], name: str,
+                       ignore: Sequence[str] = ("family",)) -> dict[str, Any]:
+  """A model class's settings with its defaults filled in; keys in `ignore` are dropped, others it does
+  not know are refused."""
+  fields = {k: f.default for k, f in module_class.__dataclass_fields__.items() if k not in ("parent", "name")}
+  given = {k: v for k, v in settings.items() if k not in ignore}
+  unknown = sorted(set(given) - set(fields))
+  if unknown:
+    raise ValueError(f"Unknown {name} setting(s) {unknown}.")
+  return dict(fields, **given)
+
+
 def _pair(v) -> tuple[int, int]:
   return (int(v), int(v)) if np.ndim(v) == 0 else tuple(int(a) for a in v)  # type: ignore[return-value]
 

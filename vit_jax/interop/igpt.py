@@ -21,19 +21,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from vit_jax.interop import common
-from vit_jax.interop.common import contiguous
+from vit_jax.interop.common import contiguous, dataclass_settings
 
 
 def settings_of(settings: Mapping[str, Any]) -> dict[str, Any]:
   """`ImageGPT` settings with defaults filled in (no `family`)."""
   from vit_jax.models.igpt import ImageGPT
 
-  fields = {k: f.default for k, f in ImageGPT.__dataclass_fields__.items() if k not in ("parent", "name")}
-  given = {k: v for k, v in settings.items() if k not in ("family", "channels")}  # channels: the palette's
-  unknown = sorted(set(given) - set(fields))
-  if unknown:
-    raise ValueError(f"Unknown ImageGPT setting(s) {unknown}.")
-  return dict(fields, **given)
+  return dataclass_settings(ImageGPT, settings, "ImageGPT", ignore=("family", "channels"))  # channels: the palette's
 
 
 HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from vit_jax.interop.common import contiguous, named, torch_conv, torch_heads_in, torch_heads_out, torch_linear, torch_norm
+from vit_jax.interop.common import contiguous, dataclass_settings, named, torch_conv, torch_heads_in, torch_heads_out, torch_linear, torch_norm
 from vit_jax.interop.tree import ParamMismatchError
 
 
@@ -33,11 +33,7 @@ def settings_of(settings: Mapping[str, Any]) -> dict[str, Any]:
   """`SwinTransformer` settings with defaults filled in."""
   from vit_jax.models.swin import SwinTransformer
 
-  fields = {k: f.default for k, f in SwinTransformer.__dataclass_fields__.items() if k not in ("parent", "name")}
-  unknown = sorted(set(settings) - set(fields))
-  if unknown:
-    raise ValueError(f"Unknown Swin setting(s) {unknown}.")
-  return dict(fields, **settings)
+  return dataclass_settings(SwinTransformer, settings, "Swin", ignore=())
 
 
 def _prefix(s: Mapping[str, Any]) -> str:
