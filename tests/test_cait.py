@@ -50,7 +50,7 @@ def test_logits_match_the_torch_reference_and_import_back_bit_exact():
   np.testing.assert_allclose(np.asarray(out["class_attention_weights"]).sum(-1), 1.0, atol=1e-5)
 
   # Back from the release's names (with its `module.` prefix): the same settings and bits.
-  back, settings = cait_interop.from_timm({f"module.{k}": v for k, v in sd.items()}, {"num_heads": 4},
+  back, settings, _ = cait_interop.from_timm({f"module.{k}": v for k, v in sd.items()}, {"num_heads": 4},
                                           image_size=(12, 8))
   assert settings["family"] == "cait" and settings["depth"] == 2 and settings["class_depth"] == 2
   mine, read = flatten(params), flatten(back)

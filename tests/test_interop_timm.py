@@ -234,8 +234,8 @@ def test_cait_exports_to_and_imports_from_timm(tmp_path, size, class_depth):
     for p in model.parameters():
       p.add_(0.1 * torch.randn_like(p))
     theirs = model(images_t).numpy()
-  back, found = cait.from_timm({k: v.numpy() for k, v in model.state_dict().items()}, {"num_heads": 4},
-                               image_size=size)
+  back, found, _ = cait.from_timm({k: v.numpy() for k, v in model.state_dict().items()}, {"num_heads": 4},
+                                  image_size=size)
   got = np.asarray(CaiT(**{k: v for k, v in found.items() if k != "family"}).apply({"params": back}, images)[0])
   assert np.max(np.abs(got - theirs)) <= TOL
 

@@ -31,6 +31,8 @@ COVERED = {
     "jupyter execute": "tests/test_notebooks.py::test_notebook_runs_and_draws_its_figures (the same runner)",
     "make test-timm": "tests/test_interop_timm.py (with timm installed)",
     "configs/igpt.py": "tests/test_igpt.py::test_igpt_pretrains_on_the_digits_through_the_trainer",
+    "vit_jax.evaluate.complete": "tests/test_igpt.py::test_igpt_pretrains_on_the_digits_through_the_trainer; "
+                                 "notebooks/mae.ipynb",
     "configs/swin.py": "tests/test_swin.py::test_configs_swin_distils_through_the_trainer_with_layer_decay",
     "configs/mae.py": "tests/test_mae.py::test_pretrain_finetune_linear_probe_chain; notebooks/mae.ipynb",
     "vit_jax.evaluate.reconstruct": "tests/test_mae.py::test_pretrain_finetune_linear_probe_chain",
@@ -60,6 +62,10 @@ COVERED = {
     "bench/mae_step.py": "tests/test_mae.py (the MAE step it times, in the trainer)",
     "bench/input_pipeline.py": "tests/test_data.py (the pipeline), tests/test_train.py (the step)",
     "bench/mae_digits.py": "tests/test_mae.py::test_pretrain_finetune_linear_probe_chain (the same runs, tiny)",
+    "bench/igpt_digits.py": "tests/test_igpt.py::test_igpt_pretrains_on_the_digits_through_the_trainer (pre-training, "
+                            "fine-tuning; the probe features against Hugging Face in the same file)",
+    "bench/pixels_as_tokens.py": "tests/test_train.py::test_training_writes_metrics_checkpoints_and_config (the runs "
+                                 "it repeats at other patch sizes)",
     "bench/teacher_digits.py": "tests/test_teacher.py (the same runs, tiny)",
     "bench/qk_norm_stability.py": "tests/test_block_options.py (QK-norm against torch; the options in the trainer)",
     "bench/peg_resolution.py":

@@ -118,9 +118,10 @@ def timm_settings(sd: Mapping[str, np.ndarray], num_heads: int | None = None,
 
 def from_timm(sd: Mapping[str, np.ndarray], settings: Mapping[str, Any] | None = None, *,
               image_size: Sequence[int] | int | None = None,
-              what: str = "timm CaiT state dict") -> tuple[dict[str, Any], dict[str, Any]]:
-  """`(params, settings)` from timm's / the release's CaiT state dict (the inverse of `timm_state_dict`);
-  the settings are those the weights show (plus `settings`), with `family="cait"`."""
+              what: str = "timm CaiT state dict") -> tuple[dict[str, Any], dict[str, Any], tuple[int, int]]:
+  """`(params, settings, grid)` from timm's / the release's CaiT state dict (the inverse of
+  `timm_state_dict`); the settings are those the weights show (plus `settings`), with `family="cait"`,
+  and `grid` the patch grid of the position table (at `image_size` when given)."""
   import jax
   import jax.numpy as jnp
 
@@ -135,7 +136,8 @@ def from_timm(sd: Mapping[str, np.ndarray], settings: Mapping[str, Any] | None =
   size = (grid[0] * s["patch_size"], grid[1] * s["patch_size"])
   shapes = jax.eval_shape(lambda: CaiT(**s).init(jax.random.key(0), jnp.zeros((1, *size, s["channels"]))))
   shapes = {k: tuple(v.shape) for k, v in flatten(shapes["params"]).items()}
-  return import_state_dict(sd, lambda p: timm_state_dict(p, s), shapes, what=what), dict(found, family="cait")
+  params = import_state_dict(sd, lambda p: timm_state_dict(p, s), shapes, what=what)
+  return params, dict(found, family="cait"), tuple(grid)
 
 
 def save_timm(params: Mapping[str, Any], settings: Mapping[str, Any], out_dir, image_size: Sequence[int] | int) -> str:

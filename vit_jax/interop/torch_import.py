@@ -386,11 +386,8 @@ def read(sd: Mapping[str, np.ndarray], config: Mapping[str, Any] | None = None,
     variables = {"params": params}
   elif any(k.endswith("blocks_token_only.0.attn.q.weight") for k in sd):  # CaiT (timm, the release)
     from vit_jax.interop import cait
-    params, settings = cait.from_timm(sd, {"num_heads": args["num_heads"]} if args.get("num_heads") else None,
-                                      image_size=args.get("img_size"), what=what)
-    size = params["Transformer"]["posembed_input"]["pos_embedding"].shape[1]
-    grid = cait.timm_settings(sd, settings["num_heads"], args.get("img_size"))[1]
-    assert grid[0] * grid[1] == size
+    params, settings, grid = cait.from_timm(sd, {"num_heads": args["num_heads"]} if args.get("num_heads") else None,
+                                            image_size=args.get("img_size"), what=what)
     return {"params": params}, {"model": settings, "image_size": [grid[0] * settings["patch_size"],
                                                                   grid[1] * settings["patch_size"]]}
   elif "patch_embed.conv1.weight" in sd:  # LV-ViT's conv stem
