@@ -3,6 +3,7 @@ checkpoints, NaN guard, input errors, and fine-tuning at a new resolution and cl
 
 import json
 import os
+import re
 import random
 import signal
 import subprocess
@@ -120,13 +121,22 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
-  config = tiny(data_dir, total_steps=20, checkpoint_steps=1, log_steps=1, **{"optim.lr": 1e30,
-                                                                                "optim.clip_norm": 0.0})
-  with pytest.raises(trainer.NonFiniteLossError, match="training loss is .* at step (\\d+): stopping"):
-    trainer.train_and_evaluate(config, str(tmp_path))
-  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
-  assert steps and steps[-1] < 20
-  last = params_at(tmp_path, steps[-1])
+  """The loss is checked on the device each step and read only at logging, saving and evaluation:
+  a run that logs rarely names the same first non-finite step as one that reads every step."""
+  diverge = {"optim.lr": 1e30, "optim.clip_norm": 0.0}
+  every_step = tiny(data_dir, total_steps=20, checkpoint_steps=1, log_steps=1, **diverge)
+  with pytest.raises(trainer.NonFiniteLossError, match="training loss is .* at step (\\d+): stopping") as err:
+    trainer.train_and_evaluate(every_step, str(tmp_path / "every_step"))
+  first_bad = int(re.search(r"at step (\d+):", str(err.value)).group(1))
+  assert 1 < first_bad < 20
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "every_step" / "checkpoints") if d.isdigit())
+  assert steps[-1] == first_bad - 1
+  rare = tiny(data_dir, total_steps=20, checkpoint_steps=first_bad + 1, log_steps=50, **diverge)
+  with pytest.raises(trainer.NonFiniteLossError, match=f"training loss is .* at step {first_bad}: stopping"):
+    trainer.train_and_evaluate(rare, str(tmp_path / "rare"))
+  saved = tmp_path / "rare" / "checkpoints"
+  assert not saved.exists() or not any(d.isdigit() for d in os.listdir(saved))  # nothing saved
+  last = params_at(tmp_path / "every_step", steps[-1])
   assert all(np.all(np.isfinite(v)) for v in last.values())
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import time
 from typing import Any, Mapping
 
@@ -240,7 +239,7 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
     (loss, (m, extra)), grads = jax.value_and_grad(task.loss, has_aux=True)(params, extra, batch, rng, consts)
     return loss, m, extra, grads
 
-  def train_step(state, consts, batch):
+  def train_step(state, guard, consts, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     consts = dict(consts, step=state["step"])  # e.g. scheduled sampling's decay
     params, extra = state["params"], state["extra"]
@@ -268,12 +267,16 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
                  "rng": state["rng"]}
     if ema_decay:
       new_state["ema"] = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params)
-    return new_state, m
+    # The NaN guard stays on the device: the first step whose loss is not finite, and that loss.
+    first = (guard["step"] == 0) & ~jnp.isfinite(loss)
+    guard = {"step": jnp.where(first, new_state["step"], guard["step"]),
+             "loss": jnp.where(first, loss.astype(jnp.float32), guard["loss"])}
+    return new_state, guard, m
 
   replicated = jax.NamedSharding(mesh, jax.P())
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(train_step, in_shardings=(state_sharding, replicated, batch_sharding),
-                    out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  step_fn = jax.jit(train_step, in_shardings=(state_sharding, replicated, replicated, batch_sharding),
+                    out_shardings=(state_sharding, replicated, replicated), donate_argnums=(0, 1))
 
   def eval_step(params, extra, batch, sums):
     """One evaluation batch added to the running sums; returns (sums, per-example outputs).
@@ -326,20 +329,20 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=first_step)
   progress = metrics_lib.Progress(total_steps, first_step, enabled=is_main)
   final: dict[str, float] = {}
-  pending, tic, seen = None, time.perf_counter(), 0
+  # Nothing in the loop waits for the device except logging, saving and evaluation: the loss is
+  # checked through the guard there, so nothing non-finite is ever saved or reported as a result.
+  guard = multihost.from_host({"step": np.int32(0), "loss": np.float32(0)}, replicated)
+  tic, seen = time.perf_counter(), 0
   data_state = lambda step: {"batches": step, "batch_size": global_batch, "seed": int(config.seed)}
   preemption = multihost.PreemptionWatch()
   try:
     for step in range(first_step + 1, total_steps + 1):
       batch = next(train_iter)
-      state, m = step_fn(state, constants, placement.put(batch))
+      state, guard, m = step_fn(state, guard, constants, placement.put(batch))
       seen += global_batch
-      if pending is not None:  # check the previous step's loss while this one runs
-        _check_finite(*pending)
-      pending = (step, m["train/loss"])
       if step % log_every == 0 or step == total_steps:
+        _check_guard(guard)
         m = jax.device_get(m)
-        _check_finite(step, m["train/loss"])
         toc = time.perf_counter()
         m[f"perf/{getattr(task, 'unit', 'img')}_per_sec"] = seen / (toc - tic)
         tic, seen = toc, 0
@@ -347,7 +350,7 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
         progress.update(step, m)
       preempted = preemption.reached(step, in_flight=state)  # every process answers True at the same step
       if step % ckpt_every == 0 or step == total_steps or preempted:
-        _check_finite(*pending)
+        _check_guard(guard)
         ckpt.save(step, state, data_state(step), saved_config)
       if preempted:
         ckpt.wait()
@@ -355,6 +358,7 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
           print(f"preempted: saved step {step} in {ckpt.directory}; rerun the same command to resume", flush=True)
         raise Preempted(step)
       if step % eval_every == 0 or step == total_steps:
+        _check_guard(guard)
         final = evaluate(state)
         writer.write(step, final)
         if is_main:
@@ -368,9 +372,11 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
   return final
 
 
-def _check_finite(step: int, loss) -> None:
-  loss = float(loss)
-  if not math.isfinite(loss):
+def _check_guard(guard) -> None:
+  """Raises when the device-side guard recorded a non-finite loss (this waits for the step)."""
+  guard = jax.device_get(guard)
+  step, loss = int(guard["step"]), float(guard["loss"])
+  if step:
     raise NonFiniteLossError(f"The training loss is {loss} at step {step}: stopping without saving. The last good "
                              "checkpoint is kept; lower the learning rate or enable clip_norm, then rerun to resume.")
 
