@@ -11,12 +11,13 @@ import itertools
 import json
 import logging
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from etils import epath
 
 from vit_jax import files
@@ -120,6 +121,129 @@ def _read_json(path: epath.Path) -> dict[str, Any] | None:
     return None
 
 
+class Program(NamedTuple):
+  """What the loop runs, built from the config for a mesh: the task, the sharded state and the update step."""
+  task: Any
+  dummy: Any
+  image_shape: tuple  # (height, width, channels), or Nones for tasks with their own inputs
+  tx: Any
+  lr_fn: Any
+  ema_decay: float
+  init_state: Any
+  params_sharding: Any
+  state_sharding: Any
+  abstract_state: Any
+  replicated: jax.NamedSharding
+  batch_sharding: jax.NamedSharding
+  step_fn: Any  # (state, guard, constants, batch) -> (state, guard, metrics), state and guard donated
+
+
+def build_program(config, mesh, num_classes: int, info=None, *, total_steps: int,
+                  steps_per_epoch: float) -> Program:
+  """The model, optimizer, sharded state and jitted update step of `config` on `mesh` (call under the
+  mesh and `sharding.ACTIVATION_RULES`, as `train_and_evaluate` does)."""
+  # ---------------------------------------------------------------- model
+  task = tasks.get_task(config, num_classes, info)
+  if hasattr(task, "dummy_input"):  # e.g. text: {"source", "target"} ids
+    dummy = task.dummy_input()
+    h = w = channels = None
+  else:
+    h, w = _image_size(config)
+    channels = task.settings.get("channels", 3)
+    dummy = jnp.zeros((1, h, w, channels), jnp.float32)  # shapes for init; parameters do not depend on the batch
+
+  # ---------------------------------------------------------------- optimizer
+  variables_shape = jax.eval_shape(task.init, jax.random.key(0), dummy)
+  tx, lr_fn = optim.build(config.optim, variables_shape["params"], total_steps=total_steps,
+                          steps_per_epoch=steps_per_epoch, batch_size=config.batch_size)
+
+  # ---------------------------------------------------------------- sharded init
+  rules = tuple(tuple(r) for r in (config.get("sharding_rules") or sharding.DEFAULT_RULES))
+  params_sharding = sharding.param_shardings(variables_shape["params"], mesh, rules,
+                                             fsdp_min_size=int(config.get("fsdp_min_size", 2 ** 14)))
+
+  ema_decay = float(config.get("ema_decay") or 0.0)  # Polyak average of the weights (DeiT / LV-ViT)
+
+  def init_state(rng):
+    variables = task.init(rng, dummy)
+    params = variables.pop("params")
+    state = {"params": params, "extra": variables, "opt_state": tx.init(params), "step": jnp.int32(0),
+             "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
+    if ema_decay:
+      state["ema"] = jax.tree_util.tree_map(jnp.copy, params)
+    return state
+
+  state_shape = jax.eval_shape(init_state, jax.random.key(config.seed))
+  state_sharding = sharding.tree_shardings(state_shape, variables_shape["params"], params_sharding, mesh)
+  abstract_state = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                          state_shape, state_sharding)
+
+  # ---------------------------------------------------------------- update step
+  accumulate = int(config.get("accumulate", 1) or 1)
+  per_shard = config.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+  if per_shard % accumulate:
+    raise ValueError(f"accumulate={accumulate} must divide the batch of each of the "
+                     f"{mesh.shape['data'] * mesh.shape['fsdp']} batch shards ({per_shard}).")
+
+  def grads_of(params, extra, batch, rng, consts):
+    (loss, (m, extra)), grads = jax.value_and_grad(task.loss, has_aux=True)(params, extra, batch, rng, consts)
+    return loss, m, extra, grads
+
+  def train_step(state, guard, consts, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    consts = dict(consts, step=state["step"])  # e.g. scheduled sampling's decay
+    params, extra = state["params"], state["extra"]
+    if accumulate == 1:
+      loss, m, extra, grads = grads_of(params, extra, batch, rng, consts)
+    else:  # micro-batches in sequence: activation memory of one micro-batch, same update
+      # Micro-batch i takes rows i::accumulate, so every device keeps working on its own rows.
+      micro = jax.tree_util.tree_map(lambda a: a.reshape(-1, accumulate, *a.shape[1:]).swapaxes(0, 1), batch)
+
+      def body(carry, xs):
+        extra, acc = carry
+        mb, i = xs
+        loss, m, extra, g = grads_of(params, extra, mb, jax.random.fold_in(rng, i), consts)
+        acc = jax.tree_util.tree_map(lambda a, b: a + b / accumulate, acc, (loss, m, g))
+        return (extra, acc), None
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(grads_of, params, extra, jax.tree_util.tree_map(
+          lambda a: a[0], micro), rng, consts))
+      zeros = (zeros[0], zeros[1], zeros[3])
+      (extra, (loss, m, grads)), _ = jax.lax.scan(body, (extra, zeros), (micro, jnp.arange(accumulate)))
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+    m = dict(m, **{"train/loss": loss, "train/lr": lr_fn(state["step"]),
+                   "train/grad_norm": optax.tree.norm(grads)})
+    new_state = {"params": params, "extra": extra, "opt_state": opt_state, "step": state["step"] + 1,
+                 "rng": state["rng"]}
+    if ema_decay:
+      new_state["ema"] = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params)
+    # The NaN guard stays on the device: the first step whose loss is not finite, and that loss.
+    first = (guard["step"] == 0) & ~jnp.isfinite(loss)
+    guard = {"step": jnp.where(first, new_state["step"], guard["step"]),
+             "loss": jnp.where(first, loss.astype(jnp.float32), guard["loss"])}
+    return new_state, guard, m
+
+  replicated = jax.NamedSharding(mesh, jax.P())
+  batch_sharding = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(train_step, in_shardings=(state_sharding, replicated, replicated, batch_sharding),
+                    out_shardings=(state_sharding, replicated, replicated), donate_argnums=(0, 1))
+
+  return Program(task, dummy, (h, w, channels), tx, lr_fn, ema_decay, init_state, params_sharding,
+                 state_sharding, abstract_state, replicated, batch_sharding, step_fn)
+
+
+def lower_train_step(config, mesh, num_classes: int, batch: Mapping[str, Any], info=None):
+  """The update step of `config` on `mesh` for a global `batch` of these shapes, lowered (`.compile()`
+  gives the program XLA runs, `.as_text()` its HLO): to inspect its collectives, memory and FLOPs."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.ACTIVATION_RULES):
+    program = build_program(config, mesh, num_classes, info, total_steps=100, steps_per_epoch=10.0)
+    put = lambda a, sh: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=sh)
+    guard = {"step": put(np.int32(0), program.replicated), "loss": put(np.float32(0), program.replicated)}
+    constants = jax.tree_util.tree_map(lambda a: put(a, program.replicated), program.task.constants)
+    batch = jax.tree_util.tree_map(lambda a: put(a, program.batch_sharding), dict(batch))
+    return program.step_fn.lower(program.abstract_state, guard, constants, batch)
+
+
 def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
   is_main = jax.process_index() == 0
 
@@ -152,48 +276,15 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
       train_source, config.data.pp_train, global_batch, seed=config.seed, rows=placement.rows, start=start,
       repeated_augmentation=int(config.data.get("repeated_augmentation", 1) or 1))
 
-  # ---------------------------------------------------------------- model
-  task = tasks.get_task(config, train_source.num_classes, train_source.info)
-  if hasattr(task, "dummy_input"):  # e.g. text: {"source", "target"} ids
-    dummy = task.dummy_input()
-    h = w = channels = None
-  else:
-    h, w = _image_size(config)
-    channels = task.settings.get("channels", 3)
-    dummy = jnp.zeros((1, h, w, channels), jnp.float32)  # shapes for init; parameters do not depend on the batch
-
-  # ---------------------------------------------------------------- optimizer
-  variables_shape = jax.eval_shape(task.init, jax.random.key(0), dummy)
-  tx, lr_fn = optim.build(config.optim, variables_shape["params"], total_steps=total_steps,
-                          steps_per_epoch=steps_per_epoch, batch_size=global_batch)
-
-  # ---------------------------------------------------------------- sharded init
-  rules = tuple(tuple(r) for r in (config.get("sharding_rules") or sharding.DEFAULT_RULES))
-  params_sharding = sharding.param_shardings(variables_shape["params"], mesh, rules,
-                                             fsdp_min_size=int(config.get("fsdp_min_size", 2 ** 14)))
-
-  ema_decay = float(config.get("ema_decay") or 0.0)  # Polyak average of the weights (DeiT / LV-ViT)
-
-  def init_state(rng):
-    variables = task.init(rng, dummy)
-    params = variables.pop("params")
-    state = {"params": params, "extra": variables, "opt_state": tx.init(params), "step": jnp.int32(0),
-             "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
-    if ema_decay:
-      state["ema"] = jax.tree_util.tree_map(jnp.copy, params)
-    return state
-
-  state_shape = jax.eval_shape(init_state, jax.random.key(config.seed))
-  state_sharding = sharding.tree_shardings(state_shape, variables_shape["params"], params_sharding, mesh)
-  abstract_state = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                          state_shape, state_sharding)
+  # ---------------------------------------------------------------- model, optimizer, update step
+  program = build_program(config, mesh, train_source.num_classes, train_source.info, total_steps=total_steps,
+                          steps_per_epoch=steps_per_epoch)
+  task, dummy, (h, w, channels) = program.task, program.dummy, program.image_shape
+  params_sharding, state_sharding = program.params_sharding, program.state_sharding
+  abstract_state, step_fn, ema_decay = program.abstract_state, program.step_fn, program.ema_decay
+  replicated, batch_sharding = program.replicated, program.batch_sharding
 
   # ---------------------------------------------------------------- resume / init
-  accumulate = int(config.get("accumulate", 1) or 1)
-  per_shard = global_batch // (mesh.shape["data"] * mesh.shape["fsdp"])
-  if per_shard % accumulate:
-    raise ValueError(f"accumulate={accumulate} must divide the batch of each of the "
-                     f"{mesh.shape['data'] * mesh.shape['fsdp']} batch shards ({per_shard}).")
   eval_global_batch = int(config.get("eval_batch_size") or global_batch)
   eval_placement = sharding.BatchPlacement(mesh, eval_global_batch)
 
@@ -217,7 +308,7 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
         print("config changes since the saved run: " + "; ".join(changes), flush=True)
   else:
     first_step = 0
-    state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
+    state = jax.jit(program.init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
     if config.init.get("path"):
       state = _load_init(config, state, state_sharding)
   train_iter = iter(make_train_data(first_step))  # global batch j is the data of step j + 1
@@ -231,52 +322,8 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
   if is_main:  # only now: a run that fails to start leaves the previous run's config.json in place
     files.write_atomic(workdir / "config.json", json.dumps(run_config, indent=2))
 
-  # ---------------------------------------------------------------- update step
-
-  constants = jax.device_put(task.constants, jax.NamedSharding(mesh, jax.P()))  # e.g. a teacher, replicated
-
-  def grads_of(params, extra, batch, rng, consts):
-    (loss, (m, extra)), grads = jax.value_and_grad(task.loss, has_aux=True)(params, extra, batch, rng, consts)
-    return loss, m, extra, grads
-
-  def train_step(state, guard, consts, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    consts = dict(consts, step=state["step"])  # e.g. scheduled sampling's decay
-    params, extra = state["params"], state["extra"]
-    if accumulate == 1:
-      loss, m, extra, grads = grads_of(params, extra, batch, rng, consts)
-    else:  # micro-batches in sequence: activation memory of one micro-batch, same update
-      # Micro-batch i takes rows i::accumulate, so every device keeps working on its own rows.
-      micro = jax.tree_util.tree_map(lambda a: a.reshape(-1, accumulate, *a.shape[1:]).swapaxes(0, 1), batch)
-
-      def body(carry, xs):
-        extra, acc = carry
-        mb, i = xs
-        loss, m, extra, g = grads_of(params, extra, mb, jax.random.fold_in(rng, i), consts)
-        acc = jax.tree_util.tree_map(lambda a, b: a + b / accumulate, acc, (loss, m, g))
-        return (extra, acc), None
-      zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(grads_of, params, extra, jax.tree_util.tree_map(
-          lambda a: a[0], micro), rng, consts))
-      zeros = (zeros[0], zeros[1], zeros[3])
-      (extra, (loss, m, grads)), _ = jax.lax.scan(body, (extra, zeros), (micro, jnp.arange(accumulate)))
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
-    m = dict(m, **{"train/loss": loss, "train/lr": lr_fn(state["step"]),
-                   "train/grad_norm": jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree_util.tree_leaves(grads)))})
-    new_state = {"params": params, "extra": extra, "opt_state": opt_state, "step": state["step"] + 1,
-                 "rng": state["rng"]}
-    if ema_decay:
-      new_state["ema"] = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state["ema"], params)
-    # The NaN guard stays on the device: the first step whose loss is not finite, and that loss.
-    first = (guard["step"] == 0) & ~jnp.isfinite(loss)
-    guard = {"step": jnp.where(first, new_state["step"], guard["step"]),
-             "loss": jnp.where(first, loss.astype(jnp.float32), guard["loss"])}
-    return new_state, guard, m
-
-  replicated = jax.NamedSharding(mesh, jax.P())
-  batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(train_step, in_shardings=(state_sharding, replicated, replicated, batch_sharding),
-                    out_shardings=(state_sharding, replicated, replicated), donate_argnums=(0, 1))
+  # ---------------------------------------------------------------- evaluation step
+  constants = jax.device_put(task.constants, replicated)  # e.g. a teacher, replicated
 
   def eval_step(params, extra, batch, sums):
     """One evaluation batch added to the running sums; returns (sums, per-example outputs).
