@@ -312,22 +312,22 @@ class MultiHeadAttention(nn.Module):
     cast = lambda a: None if a is None else jnp.asarray(a, dtype)
     x_q, x_k, x_v = cast(inputs_q), cast(inputs_k), cast(inputs_v)
 
-    def matmul(x, w, b):
-      y = jnp.dot(x, cast(w).reshape(w.shape[0], -1), precision=self.precision)
-      return y if b is None else y + cast(b).reshape(-1)
+    def project(x, w, b):  # [..., e] x [..., e, h, d] -> [..., h, d]
+      y = jnp.tensordot(x, cast(w), axes=1, precision=self.precision)
+      return y if b is None else y + cast(b)
 
     if self_attention and dk == dv:
-      # One [e, 3 * heads * d] matmul instead of three: same parameters, fewer passes over x.
-      w = jnp.concatenate([a.reshape(a.shape[0], -1) for a in (wq, wk, wv)], axis=1)
-      zero = lambda w: jnp.zeros((w.shape[1] * w.shape[2],), w.dtype)
-      b = None if bq is None and bk is None else jnp.concatenate(
-          [zero(w) if bb is None else bb.reshape(-1) for w, bb in ((wq, bq), (wk, bk), (wv, bv))])
-      q, k, v = jnp.split(matmul(x_q, w, b), 3, axis=-1)
+      # One matmul for q, k and v, their kernels stacked on a new axis before the heads: [e, 3, h, d].
+      # A head-sharded (tensor-parallel) layout carries through as is, where concatenating the three
+      # [e, h * d] kernels would move the shards of every layer between devices.
+      w = jnp.stack([wq, wk, wv], axis=1)
+      zero = lambda w: jnp.zeros(w.shape[1:], w.dtype)
+      b = None if bq is None and bk is None else jnp.stack(
+          [zero(w) if bb is None else bb for w, bb in ((wq, bq), (wk, bk), (wv, bv))])
+      qkv = project(x_q, w, b)
+      q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
     else:
-      q, k, v = matmul(x_q, wq, bq), matmul(x_k, wk, bk), matmul(x_v, wv, bv)
-    q = q.reshape(q.shape[:-1] + (h, dk))
-    k = k.reshape(k.shape[:-1] + (h, dk))
-    v = v.reshape(v.shape[:-1] + (h, dv))
+      q, k, v = project(x_q, wq, bq), project(x_k, wk, bk), project(x_v, wv, bv)
 
     scale = None
     if self.qk_norm == "cosine":

@@ -43,9 +43,11 @@ BATCH_AXES = ("data", "fsdp")
 ACTIVATION_RULES = (("act_batch", BATCH_AXES), ("act_len", None), ("act_emb", None))
 DEFAULT_RULES = (
     (r"MlpBlock_0/Dense_(0|gate)/kernel$", "tensor(-1)|fsdp"),       # [D, M]: split M
+    (r"MlpBlock_0/Dense_(0|gate)/bias$", "tensor(-1)|fsdp"),         # [M]: as its kernel's output
     (r"MlpBlock_0/Dense_1/kernel$", "tensor(-2)|fsdp"),              # [M, D]: split M
     # ViT's MultiHeadDotProductAttention_0, Swin's attention: the same [D, H, dh] / [H, dh, D] layout.
     (r"(MultiHeadDotProductAttention_0|/attention)/(query|key|value)/kernel$", "tensor(-2)|fsdp"),  # split H
+    (r"(MultiHeadDotProductAttention_0|/attention)/(query|key|value)/bias$", "tensor(-2)|fsdp"),  # [H, dh]
     (r"(MultiHeadDotProductAttention_0|/attention)/out/kernel$", "tensor(-3)|fsdp"),  # split H
     (r".*", "fsdp"),
 )
