@@ -165,4 +165,19 @@ def test_mixup_and_cutmix_conserve_label_mass():
   # CutMix: the label weight of the pasted image equals the pasted area.
   x, y = mixing.cutmix(jax.random.key(5), images, labels, 1.0)
   pasted = np.mean(np.any(np.asarray(x) != np.asarray(images), axis=-1)[0])
-  assert np.isclose(float(y[0, int(jnp.argmax(labels[-1]))]), pasted, atol=1e-6)
+  assert np.isclose(float(y[0, int(jnp.argmax(labels[1]))]), pasted, atol=1e-6)  # row 0's partner is row 1
+
+
+@pytest.mark.parametrize("n", [6, 7])
+def test_mixing_pairs_neighbouring_rows(n):
+  """Rows 2k and 2k + 1 mix with each other (an odd last row with itself): lam from the same key."""
+  r = np.random.default_rng(0)
+  images, labels = r.standard_normal((n, 4, 4, 1)).astype(np.float32), np.eye(n, dtype=np.float32)
+  partners = np.arange(n) ^ 1
+  partners[partners == n] = n - 1
+  np.testing.assert_array_equal(mixing.partner(images), images[partners])
+  key = jax.random.key(7)
+  lam = float(jax.random.beta(key, 0.4, 0.4))
+  x, y = mixing.mixup(key, images, labels, 0.4)
+  np.testing.assert_allclose(x, lam * images + (1 - lam) * images[partners], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(y, lam * labels + (1 - lam) * labels[partners], rtol=1e-6, atol=1e-6)

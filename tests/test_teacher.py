@@ -126,6 +126,9 @@ def test_teacher_dense_logits_average_to_its_image_logits():
 
 # ----------------------------------------------------------------------------- MixToken and LV-ViT
 
+PARTNERS = [1, 0, 3, 2]  # MixToken's partner images in a batch of 4: rows 2k and 2k + 1 swap
+
+
 def test_mixtoken_box_follows_the_cutmix_rule():
   for seed in range(20):
     rng = jax.random.key(seed)
@@ -149,12 +152,12 @@ def test_mixtoken_mixes_after_the_stem_and_unmixes_token_predictions():
   box = (1, 2, 3, 5)  # rows 1..2, columns 2..4 of the 4x5 grid
   _, out = model.apply(variables, x, mix_box=jnp.array(box))
   mixed = x.copy()
-  mixed[:, 4:12, 8:20] = x[::-1, 4:12, 8:20]
+  mixed[:, 4:12, 8:20] = x[PARTNERS, 4:12, 8:20]
   _, direct = model.apply(variables, mixed)
   np.testing.assert_allclose(out["logits_cls"], direct["logits_cls"], rtol=1e-5, atol=1e-5)
   tokens = np.asarray(direct["token_logits"]).reshape(4, 4, 5, 5)
   unmixed = tokens.copy()
-  unmixed[:, 1:3, 2:5] = tokens[::-1, 1:3, 2:5]  # each position back with the image its content came from
+  unmixed[:, 1:3, 2:5] = tokens[PARTNERS, 1:3, 2:5]  # each position back with the image its content came from
   np.testing.assert_allclose(out["token_logits"], unmixed.reshape(4, 20, 5), rtol=1e-5, atol=1e-5)
   assert np.asarray(out["mix_mask"]).sum() == 6
 
@@ -180,13 +183,13 @@ def test_token_labeling_task_loss_against_a_direct_computation():
   box, kept = losses.mixtoken_box(jax.random.split(rng)[0], (4, 4))
   t, l, b, rt = (int(v) for v in box)
   mixed = images.copy()
-  mixed[:, 4 * t:4 * b, 4 * l:4 * rt] = images[::-1, 4 * t:4 * b, 4 * l:4 * rt]
+  mixed[:, 4 * t:4 * b, 4 * l:4 * rt] = images[PARTNERS, 4 * t:4 * b, 4 * l:4 * rt]
   _, out = task.model.apply(variables, mixed)
   tokens = np.array(out["token_logits"]).reshape(4, 4, 4, 5)
-  tokens[:, t:b, l:rt] = tokens[::-1, t:b, l:rt].copy()
+  tokens[:, t:b, l:rt] = tokens[PARTNERS, t:b, l:rt].copy()
   cls_t, tok_t = (np.asarray(a, np.float64) for a in score_maps.token_targets(batch, (4, 4), 5, 0.1))
   kept = float(kept)
-  cls_t = kept * cls_t + (1 - kept) * cls_t[::-1]
+  cls_t = kept * cls_t + (1 - kept) * cls_t[PARTNERS]
   ce = lambda z, q: -(q * log_softmax(z)).sum(-1)
   want = np.mean(ce(out["logits_cls"], cls_t) + 0.5 * ce(tokens.reshape(4, 16, 5), tok_t).mean(-1))
   np.testing.assert_allclose(loss, want, rtol=1e-5)

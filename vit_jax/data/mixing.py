@@ -1,7 +1,9 @@
 """On-device mixup and CutMix (inside the jitted train step).
 
-Each batch is mixed with itself reversed along the batch axis, one mixing
-coefficient per batch.  Labels are one-hot (or soft) `[batch, classes]`.
+Each example is mixed with its partner, the neighbouring row (rows 2k and 2k + 1 swap), one mixing
+coefficient per batch.  Pairing neighbours keeps every pair on one device whenever each device's share
+of the batch has an even number of rows, so mixing moves no data between devices (reversing the global
+batch would send every image across the mesh).  Labels are one-hot (or soft) `[batch, classes]`.
 """
 
 from __future__ import annotations
@@ -10,10 +12,18 @@ import jax
 import jax.numpy as jnp
 
 
+def partner(a: jax.Array) -> jax.Array:
+  """Each row's mixing partner along axis 0: rows 2k and 2k + 1 swap; an odd last row is its own."""
+  n = a.shape[0]
+  even = n - n % 2
+  pairs = a[:even].reshape(even // 2, 2, *a.shape[1:])[:, ::-1].reshape(even, *a.shape[1:])
+  return pairs if even == n else jnp.concatenate([pairs, a[even:]], axis=0)
+
+
 def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array]:
-  """x = lam * x + (1 - lam) * flip(x), lam ~ Beta(alpha, alpha); labels likewise."""
+  """x = lam * x + (1 - lam) * partner(x), lam ~ Beta(alpha, alpha); labels likewise."""
   lam = jax.random.beta(rng, alpha, alpha)
-  mix = lambda a: lam * a + (1 - lam) * jnp.flip(a, axis=0)
+  mix = lambda a: lam * a + (1 - lam) * partner(a)
   return mix(images), mix(labels)
 
 
@@ -30,13 +40,13 @@ def cutmix_box(rng: jax.Array, height: int, width: int, lam: jax.Array) -> jax.A
 
 
 def cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array]:
-  """Paste a box of flip(x) into x; labels weighted by the box's actual area."""
+  """Paste a box of partner(x) into x; labels weighted by the box's actual area."""
   r_lam, r_box = jax.random.split(rng)
   lam = jax.random.beta(r_lam, alpha, alpha)
   box = cutmix_box(r_box, images.shape[1], images.shape[2], lam)
-  images = jnp.where(box[None, :, :, None], jnp.flip(images, axis=0), images)
+  images = jnp.where(box[None, :, :, None], partner(images), images)
   kept = 1.0 - jnp.mean(box.astype(jnp.float32))
-  return images, kept * labels + (1 - kept) * jnp.flip(labels, axis=0)
+  return images, kept * labels + (1 - kept) * partner(labels)
 
 
 def mix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, mixup_alpha: float = 0.0,

@@ -24,7 +24,7 @@ also "logits_cls" and "token_logits" [B, patches, classes] (LV-ViT).
 
 MixToken (LV-ViT): `apply(..., mix_box=(top, left, bottom, right))` replaces
 that box of the patch grid, right after the patch projection, with the same
-region of the batch in reverse order; "token_logits" come back un-mixed (each
+region of its partner image (`mixing.partner`: rows 2k and 2k + 1 swap); "token_logits" come back un-mixed (each
 position predicts for the image its content came from), and "mix_mask" [h, w]
 marks the box.
 """
@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.data.mixing import partner
 from vit_jax.models.attention import MultiHeadAttention
 from vit_jax.models.encoder import Encoder, MlpBlock, make_norm
 
@@ -274,7 +275,7 @@ class VisionTransformer(nn.Module):
     mix_mask = None
     if mix_box is not None:
       mix_mask = box_mask(mix_box, (gh, gw))
-      x = jnp.where(mix_mask[None, :, :, None], x[::-1], x)
+      x = jnp.where(mix_mask[None, :, :, None], partner(x), x)
       out["mix_mask"] = mix_mask
     out["stem"] = x
     x = x.reshape(b, gh * gw, d)  # row-major: height outer
@@ -344,7 +345,7 @@ class VisionTransformer(nn.Module):
                               name="aux_head")(tokens).astype(jnp.float32)
       if mix_mask is not None:  # un-mix: each position predicts for the image its content came from
         grid = token_logits.reshape(b, gh, gw, -1)
-        token_logits = jnp.where(mix_mask[None, :, :, None], grid[::-1], grid).reshape(b, gh * gw, -1)
+        token_logits = jnp.where(mix_mask[None, :, :, None], partner(grid), grid).reshape(b, gh * gw, -1)
       out["logits_cls"], out["token_logits"] = logits, token_logits
       logits = logits + self.token_head_weight * jnp.max(token_logits, axis=1)
     if self.distilled:

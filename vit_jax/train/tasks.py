@@ -228,7 +228,7 @@ class TokenLabeling(Classification):
     box, kept = losses.mixtoken_box(r_mix, grid) if self.mixtoken else (None, 1.0)
     (logits, out), new_extra = self.model.apply({"params": params, **extra}, images, train=True, mix_box=box,
                                                 rngs={"dropout": r_drop}, mutable=list(extra))
-    cls_targets = kept * cls_targets + (1 - kept) * cls_targets[::-1]
+    cls_targets = kept * cls_targets + (1 - kept) * mixing.partner(cls_targets)
     per_example = losses.token_labeling(out["logits_cls"], out["token_logits"], cls_targets, token_targets,
                                         self.beta)
     correct = jnp.mean((jnp.argmax(out["logits_cls"], -1) == batch["label"]).astype(jnp.float32))
