@@ -33,7 +33,7 @@ def config(mesh, **overrides):
 def collectives(c):
   """[(kind, [shape, ...])] of every collective in the compiled step, and the parameter shapes."""
   mesh = sharding.make_mesh(c.mesh)
-  batch = {"image": np.zeros((BATCH, 8, 8, 1), np.float32), "label": np.zeros((BATCH,), np.int32)}
+  batch = {"image": np.zeros((BATCH, 8, 8, 1), np.uint8), "label": np.zeros((BATCH,), np.int32)}  # as sent
   text = trainer.lower_train_step(c, mesh, 10, batch).compile().as_text()
   found = []
   for line in text.splitlines():

@@ -3,6 +3,7 @@ padded evaluation, preprocessing ops and on-device mixing."""
 
 import os
 
+import grain.python as grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +65,68 @@ def test_training_stream_is_global_reshuffled_and_resumable():
   assert np.array_equal(labels_of(stream(start=4), 6), ahead)
   with pytest.raises(ValueError, match="rows must index a batch of 10"):
     stream(rows=np.array([3, 10]))
+
+
+class WithGeometry:
+  """The digits with token labeling's `geometry`, which the spatial ops keep up to date."""
+
+  def __init__(self, data):
+    self.data = data
+
+  def __len__(self):
+    return len(self.data)
+
+  def __getitem__(self, i):
+    return dict(self.data[i], geometry=preprocess.IDENTITY)
+
+
+class PerExample(grain.RandomMapTransform):
+  def __init__(self, spec):
+    self.ops = preprocess.parse(spec)
+
+  def random_map(self, example, rng):
+    return preprocess.apply(self.ops, example, rng)
+
+
+@pytest.mark.parametrize("pp,geometry,repeats", [
+    ("decode|random_crop_pad(1)|value_range(-1, 1)", False, 1),
+    ("decode|random_crop_pad(2)|flip_lr|central_crop(6)|value_range(-1, 1)", True, 1),
+    ("decode|resize(12)|inception_crop(8, area_min=30)|flip_lr|value_range(0, 1)", True, 3),
+])
+def test_batched_preprocessing_equals_grains_per_example_map(data_dir, pp, geometry, repeats):
+  """Batch j equals grain's `random_map` applied example by example (each example's own generator),
+  bit for bit, from the host (float32) and through the device (uint8, `value_range` in a jitted step)."""
+  src = input_pipeline.get_source("digits", "train", data_dir)
+  if geometry:
+    src = input_pipeline.Source(WithGeometry(src.data), src.num_classes, src.name)
+  seed, batch, start = 3, 16, 5
+  if repeats > 1:
+    stream = grain.MapDataset.source(input_pipeline.RepeatedAugmentation(src.data, repeats, seed))
+  else:
+    stream = grain.MapDataset.source(src.data).shuffle(seed=seed).repeat(None)
+  reference = stream.random_map(PerExample(pp), seed=seed + 1)
+  kw = dict(seed=seed, start=start, repeated_augmentation=repeats)
+  host = iter(input_pipeline.train_dataset(src, pp, batch, **kw))
+  uint8 = iter(input_pipeline.train_dataset(src, pp, batch, on_device=True, **kw))
+  to_float = jax.jit(preprocess.split_device(pp)[1])
+  for j in range(start, start + 3):
+    want = [reference[j * batch + r] for r in range(batch)]
+    got, raw = next(host), next(uint8)
+    assert raw["image"].dtype == np.uint8 and got["image"].dtype == np.float32
+    for k in ["image", "label"] + (["geometry"] if geometry else []):
+      np.testing.assert_array_equal(got[k], np.stack([np.asarray(e[k], got[k].dtype) for e in want]), err_msg=k)
+    np.testing.assert_array_equal(np.asarray(to_float(raw["image"])), got["image"])
+
+
+def test_worker_processes_give_the_same_batches(data_dir):
+  src = input_pipeline.get_source("digits", "train", data_dir)
+  pp = "decode|random_crop_pad(1)|flip_lr|value_range(-1, 1)"
+  threads = iter(input_pipeline.train_dataset(src, pp, 32, seed=0, start=2))
+  workers = iter(input_pipeline.train_dataset(src, pp, 32, seed=0, start=2, workers=2))
+  for _ in range(4):
+    a, b = next(threads), next(workers)
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
 
 
 @pytest.mark.parametrize("batch", [8, 360, 512])

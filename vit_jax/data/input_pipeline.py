@@ -24,12 +24,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from typing import Any, Iterator
 
 import grain.python as grain
 import numpy as np
 
 from vit_jax.data import preprocess
+from vit_jax.data.preprocess import stack  # noqa: F401  (examples -> a batch, for callers of this module)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -162,6 +164,7 @@ def get_source(name: str, split: str, data_dir: str | None = None,
         "and this machine cannot download it. Prepare it where there is network access with "
         f"tfds.builder({name!r}).download_and_prepare(file_format='array_record') and copy the directory, or "
         "set config.data.data_dir.") from None
+  data = in_memory(data)
   return Source(data, builder.info.features["label"].num_classes, name)
 
 
@@ -177,24 +180,47 @@ def _close_names(name: str) -> str:
           "en_fr_generated or pairs:/path/to/pairs.txt.")
 
 
-class _Preprocess(grain.RandomMapTransform):
-  def __init__(self, spec: str):
-    self.ops = preprocess.parse(spec)
-
-  def random_map(self, example, rng):
-    return preprocess.apply(self.ops, example, rng)
-
-
 EXTRA_KEYS = ("score_values", "score_indices", "geometry")  # token labeling (score_maps.py)
 
 
-class _Select(grain.MapTransform):
-  def map(self, example):
-    if "image" not in example:  # text ids
-      return {k: np.asarray(v) for k, v in example.items()}
-    out = {"image": np.asarray(example["image"], np.float32), "label": np.int32(example["label"])}
-    out.update({k: np.asarray(example[k]) for k in EXTRA_KEYS if k in example})
-    return out
+def _keys(example: dict[str, Any]) -> dict[str, Any]:
+  """What a batch carries of an image example: the image, the label and token labeling's arrays."""
+  if "image" not in example:  # text ids
+    return {k: np.asarray(v) for k, v in example.items()}
+  out = {"image": example["image"], "label": np.int32(example["label"])}
+  out.update({k: np.asarray(example[k]) for k in EXTRA_KEYS if k in example})
+  return out
+
+
+def _finish(batch: dict[str, np.ndarray], on_device: bool) -> dict[str, np.ndarray]:
+  """Images as float32, or as they are (uint8) when their final op runs on the device."""
+  if "image" in batch and not on_device:
+    batch["image"] = np.asarray(batch["image"], np.float32)
+  return batch
+
+
+class _Rngs:
+  """The generator of each stream position, as grain's `random_map` derives it (Philox keyed by the
+  seed, the position in the counter), so that batched preprocessing draws exactly the numbers the
+  per-example map would.  One pool of generators per thread, reset for each position."""
+
+  def __init__(self, seed: int):
+    self.seed = seed
+    self._local = threading.local()
+
+  def __reduce__(self):  # worker processes build their own pools
+    return (_Rngs, (self.seed,))
+
+  def __call__(self, positions: np.ndarray) -> list[np.random.Generator]:
+    pool = getattr(self._local, "pool", None)
+    if pool is None or len(pool) < len(positions):
+      pool = self._local.pool = [np.random.Generator(np.random.Philox(self.seed)) for _ in positions]
+    for rng, p in zip(pool, positions):
+      state = rng.bit_generator.state
+      state["state"]["counter"] = np.array([0, 0, 0, int(p)], np.uint64)
+      state.update(buffer=np.zeros(4, np.uint64), buffer_pos=4, has_uint32=0, uinteger=0)
+      rng.bit_generator.state = state
+    return pool[:len(positions)]
 
 
 class RepeatedAugmentation:
@@ -212,14 +238,91 @@ class RepeatedAugmentation:
     return len(self.data) * 10 ** 9  # endless for practical purposes
 
   def order(self, epoch: int) -> np.ndarray:
-    if self._order is None or self._order[0] != epoch:
+    cached = self._order  # one read: another thread may replace it meanwhile
+    if cached is None or cached[0] != epoch:
       perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
-      self._order = (epoch, np.repeat(perm, self.repeats)[:len(self.data)])
-    return self._order[1]
+      cached = self._order = (epoch, np.repeat(perm, self.repeats)[:len(self.data)])
+    return cached[1]
+
+  def indices(self, positions: np.ndarray) -> np.ndarray:
+    """The example index at each stream position."""
+    epoch, pos = np.divmod(np.asarray(positions, np.int64), len(self.data))
+    out = np.empty(len(pos), np.int64)
+    for e in np.unique(epoch):
+      out[epoch == e] = self.order(int(e))[pos[epoch == e]]
+    return out
 
   def __getitem__(self, i: int):
-    epoch, pos = divmod(int(i), len(self.data))
-    return self.data[int(self.order(epoch)[pos])]
+    return self.data[int(self.indices([i])[0])]
+
+
+class Shuffled:
+  """Stream position -> example index, a new order every epoch: exactly grain's
+  `MapDataset.source(data).shuffle(seed).repeat(None)` (which depends only on the length and the seed).
+  With `whole_epochs`, an epoch's order is computed once (for datasets held in memory, where the
+  per-position lookups would dominate)."""
+
+  def __init__(self, n: int, seed: int, whole_epochs: bool = False):
+    self.n, self.whole_epochs = n, whole_epochs
+    self.stream = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
+    self._epoch: tuple[int, np.ndarray] | None = None
+
+  def _order(self, epoch: int) -> np.ndarray:
+    cached = self._epoch
+    if cached is None or cached[0] != epoch:
+      start = epoch * self.n
+      cached = self._epoch = (epoch, np.fromiter((self.stream[start + i] for i in range(self.n)), np.int64, self.n))
+    return cached[1]
+
+  def indices(self, positions: np.ndarray) -> np.ndarray:
+    positions = np.asarray(positions, np.int64)
+    if not self.whole_epochs:
+      return np.fromiter((self.stream[int(p)] for p in positions), np.int64, len(positions))
+    epoch, pos = np.divmod(positions, self.n)
+    out = np.empty(len(pos), np.int64)
+    for e in np.unique(epoch):
+      out[epoch == e] = self._order(int(e))[pos[epoch == e]]
+    return out
+
+
+class Columns:
+  """A small dataset held in memory, one array per feature: random access, and `take` of whole batches."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    self.arrays = arrays
+    self._n = len(next(iter(arrays.values())))
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return {k: v[int(i)] for k, v in self.arrays.items()}
+
+  def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[indices] for k, v in self.arrays.items()}
+
+
+IN_MEMORY_BYTES = 64 * 2 ** 20
+
+
+def in_memory(data):
+  """`data` as `Columns` when its examples are arrays (decoded pixels, not encoded files) of one shape
+  and all of them take less than IN_MEMORY_BYTES; otherwise `data` itself."""
+  if not len(data):
+    return data
+  first = data[0]
+  if not all(isinstance(v, (np.ndarray, np.generic, int, float)) for v in first.values()):
+    return data
+  if len(data) * sum(np.asarray(v).nbytes for v in first.values()) > IN_MEMORY_BYTES:
+    return data
+  rows = [data[i] for i in range(len(data))]
+  arrays = {}
+  for k in first:
+    values = [np.asarray(r[k]) for r in rows]
+    if len({v.shape for v in values}) > 1:
+      return data
+    arrays[k] = np.stack(values)
+  return Columns(arrays)
 
 
 class LengthBucketedBatches:
@@ -263,42 +366,55 @@ class LengthBucketedBatches:
     return {"source": self.data.source[rows, :s], "target": self.data.target[rows, :t + 1]}
 
 
-class _GlobalBatches:
-  """Random access over the global batches of an endless stream, cut to this process's rows.
+class _TextBatches:
+  """Random access over the whole batches of a text stream (`LengthBucketedBatches`), this process's rows."""
 
-  Batch j holds stream positions `(start + j) * batch_size + rows` (or, for a
-  stream of whole batches, rows `rows` of its batch `start + j`).
-  """
-
-  def __init__(self, stream, batch_size: int, rows: np.ndarray, start: int, whole_batches: bool):
-    self.stream, self.batch_size, self.rows, self.start = stream, batch_size, rows, start
-    self.whole_batches = whole_batches
+  def __init__(self, stream, rows: np.ndarray, start: int):
+    self.stream, self.rows, self.start = stream, rows, start
 
   def __len__(self) -> int:
     return 10 ** 12  # endless for practical purposes
 
   def __getitem__(self, j: int) -> dict[str, np.ndarray]:
-    b = self.start + int(j)
-    if self.whole_batches:
-      return {k: v[self.rows] for k, v in self.stream[b].items()}
-    examples = [self.stream[b * self.batch_size + int(r)] for r in self.rows]
-    return stack(examples)
+    return {k: v[self.rows] for k, v in self.stream[self.start + int(j)].items()}
 
 
-def stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Examples -> a batch; examples of different shapes are an error that says how to fix it."""
-  out = {}
-  for k in examples[0]:
-    shapes = sorted({np.shape(e[k]) for e in examples})
-    if len(shapes) > 1:
-      raise ValueError(f"The examples' {k!r} have different shapes {shapes[:4]}: add a resize or crop to the "
-                       "preprocessing (e.g. decode|resize(224)|...) so every example has the same shape.")
-    out[k] = np.stack([e[k] for e in examples])
-  return out
+class _ImageBatches:
+  """Random access over the preprocessed global batches of an endless example stream, cut to this
+  process's rows: batch j holds stream positions `(start + j) * batch_size + rows`, each preprocessed
+  with its position's generator, the batch at once (`preprocess.apply_batch`).  A dataset held in
+  memory (`Columns`) gives the batch's examples in one read."""
+
+  def __init__(self, data, order, ops, seed: int, batch_size: int, rows: np.ndarray, start: int, on_device: bool):
+    self.data, self.order, self.ops, self.rngs = data, order, ops, _Rngs(seed)
+    self.batch_size, self.rows, self.start, self.on_device = batch_size, rows, start, on_device
+
+  def __len__(self) -> int:
+    return 10 ** 12  # endless for practical purposes
+
+  def __getitem__(self, j: int) -> dict[str, np.ndarray]:
+    positions = (self.start + int(j)) * self.batch_size + self.rows
+    index = self.order.indices(positions)
+    if isinstance(self.data, Columns):
+      examples = _keys(self.data.take(index))
+    else:
+      examples = [_keys(self.data[int(i)]) for i in index]
+    return _finish(preprocess.apply_batch(self.ops, examples, self.rngs(positions)), self.on_device)
+
+
+def _iterate(batches, workers: int, threads: int) -> grain.IterDataset:
+  ds = grain.MapDataset.source(batches).to_iter_dataset(
+      grain.ReadOptions(num_threads=threads if not workers else 1, prefetch_buffer_size=4))
+  if workers:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app, the defaults
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+  return ds
 
 
 def train_dataset(source: Source, pp: str, batch_size: int, *, seed: int, rows=None, start: int = 0,
-                  repeated_augmentation: int = 1) -> grain.IterDataset:
+                  repeated_augmentation: int = 1, workers: int = 0, on_device: bool = False) -> grain.IterDataset:
   """An endless, shuffled, augmented stream of global batches of `batch_size`, from batch `start` on.
 
   The global batches (which examples, in which order, with which augmentation
@@ -311,46 +427,59 @@ def train_dataset(source: Source, pp: str, batch_size: int, *, seed: int, rows=N
   repeated_augmentation > 1: DeiT's sampling (`RepeatedAugmentation`).
   Text pairs come in length buckets (`LengthBucketedBatches`), each batch padded to
   its own longest pair, which is then the same on every process.
+  workers > 0: preprocessing in that many worker processes (grain's `mp_prefetch`), else two threads.
+  on_device: a final `value_range` is left out, the images stay uint8, and the caller applies
+    `preprocess.split_device(pp)[1]` on the device.
   """
   rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
   if len(rows) and (rows.min() < 0 or rows.max() >= batch_size):
     raise ValueError(f"rows must index a batch of {batch_size}, got {rows.min()}..{rows.max()}.")
   if source.info.get("text") is not None:
-    stream = LengthBucketedBatches(source.data, batch_size, seed)
-    batches = _GlobalBatches(stream, batch_size, rows, start, whole_batches=True)
-    return grain.MapDataset.source(batches).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+    return _iterate(_TextBatches(LengthBucketedBatches(source.data, batch_size, seed), rows, start), workers, 1)
   if repeated_augmentation > 1:
-    ds = grain.MapDataset.source(RepeatedAugmentation(source.data, repeated_augmentation, seed))
+    order = RepeatedAugmentation(source.data, repeated_augmentation, seed)
   else:
-    ds = grain.MapDataset.source(source.data).shuffle(seed=seed).repeat(None)
-  ds = ds.random_map(_Preprocess(pp), seed=seed + 1).map(_Select())
-  batches = _GlobalBatches(ds, batch_size, rows, start, whole_batches=False)
-  return grain.MapDataset.source(batches).to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    order = Shuffled(len(source.data), seed, whole_epochs=isinstance(source.data, Columns))
+  host_pp, device_op = preprocess.split_device(pp) if on_device else (pp, None)
+  batches = _ImageBatches(source.data, order, preprocess.parse(host_pp), seed + 1, batch_size, rows, start,
+                          device_op is not None)
+  return _iterate(batches, workers, 2)
 
 
-def eval_batches(source: Source, pp: str, batch_size: int, *, rows=None) -> Iterator[dict[str, np.ndarray]]:
+class _EvalBatches:
+  """Batch k of an evaluation: examples `k * batch_size + rows`, the rows past the end zeros with mask 0."""
+
+  def __init__(self, source: Source, ops, batch_size: int, rows: np.ndarray, on_device: bool):
+    self.source, self.ops, self.batch_size, self.rows, self.on_device = source, ops, batch_size, rows, on_device
+
+  def __len__(self) -> int:
+    return -(-len(self.source) // self.batch_size)
+
+  def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+    index = int(k) * self.batch_size + self.rows
+    real = index < len(self.source)
+    # Padding rows preprocess example 0 (so they have its shapes), then become zeros.
+    if isinstance(self.source.data, Columns):
+      examples = _keys(self.source.data.take(np.where(real, index, 0)))
+    else:
+      examples = [_keys(dict(self.source.data[int(i) if ok else 0])) for i, ok in zip(index, real)]
+    batch = _finish(preprocess.apply_batch(self.ops, examples, None), self.on_device)
+    for v in batch.values():
+      v[~real] = 0
+    batch["mask"] = real.astype(np.float32)
+    return batch
+
+
+def eval_batches(source: Source, pp: str, batch_size: int, *, rows=None,
+                 on_device: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Every example once, in order, in global batches of `batch_size` with a `mask`; this process's `rows`.
 
   The last batch is padded (mask 0) rather than dropped.  Every process yields
   the same number of batches, as a multi-host evaluation needs; batch k holds
-  examples `k * batch_size + rows` (padding past the end).
+  examples `k * batch_size + rows` (padding past the end).  Two threads prepare the next batches
+  while the device evaluates.  on_device: as in `train_dataset`.
   """
-  ops = preprocess.parse(pp)
   rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
-  n = len(source)
-  probe = None
-  for start in range(0, n, batch_size):
-    examples, mask = [], []
-    for r in rows:
-      i = start + int(r)
-      if i < n:
-        examples.append(_Select().map(preprocess.apply(ops, dict(source.data[i]), None)))
-        mask.append(1.0)
-      else:
-        if probe is None:  # padding has the shapes of a real example
-          probe = _Select().map(preprocess.apply(ops, dict(source.data[0]), None))
-        examples.append({k: np.zeros_like(v) for k, v in probe.items()})
-        mask.append(0.0)
-    batch = stack(examples)
-    batch["mask"] = np.asarray(mask, np.float32)
-    yield batch
+  host_pp, device_op = preprocess.split_device(pp) if on_device else (pp, None)
+  batches = _EvalBatches(source, preprocess.parse(host_pp), batch_size, rows, device_op is not None)
+  return iter(_iterate(batches, 0, 2))

@@ -18,6 +18,12 @@ deterministic and resumable.
 | `flip_lr` | random horizontal flip |
 | `value_range(vmin, vmax)` | uint8 0..255 -> float32 in [vmin, vmax] |
 
+Batches: `apply_batch` runs the ops over a whole batch, each example with its own generator, and
+gives exactly what `apply` gives per example; the ops that allow it (`decode` of arrays, `central_crop`,
+`random_crop_pad`, `flip_lr`, `value_range`) work on the stacked batch in NumPy at once, the others
+(PIL resizes and crops) example by example.  A final `value_range` can run on the device instead
+(`split_device`), so that images travel as uint8.
+
 Geometry: when an example carries `geometry` (LV-ViT's score maps add it), the
 spatial ops keep it up to date.  It is float32 `(y0, x0, sy, sx)`: a point at
 normalised coordinates (y, x) in [0, 1]^2 of the current image (0 = top / left
@@ -58,6 +64,24 @@ def _moved(example: Example, y0: float, x0: float, sy: float, sx: float) -> Exam
     return example
   gy0, gx0, gsy, gsx = (float(v) for v in example["geometry"])
   return dict(example, geometry=np.array([gy0 + gsy * y0, gx0 + gsx * x0, gsy * sy, gsx * sx], np.float32))
+
+
+def _moved_batch(batch: Example, y0, x0, sy, sx, rows=None) -> Example:
+  """`_moved` for a stacked batch: per-row (arrays) or shared (scalars) maps, only `rows` if given."""
+  if "geometry" not in batch:
+    return batch
+  g = batch["geometry"].astype(np.float64)
+  new = np.stack([g[:, 0] + g[:, 2] * y0, g[:, 1] + g[:, 3] * x0, g[:, 2] * sy, g[:, 3] * sx],
+                 axis=1).astype(np.float32)
+  if rows is not None:
+    new = np.where(np.asarray(rows)[:, None], new, batch["geometry"])
+  return dict(batch, geometry=new)
+
+
+def _batched(op: Callable, batched: Callable) -> Callable:
+  """Gives `op` its form over a stacked batch, `batched(batch, rngs)`, with the same results."""
+  op.batched = batched
+  return op
 
 
 def _size(h, w=None) -> tuple[int, int]:
@@ -103,6 +127,9 @@ def decode(example: Example, rng=None) -> Example:
   return dict(example, image=np.asarray(image))
 
 
+decode.batched = lambda batch, rngs=None: batch  # a stacked batch holds arrays already
+
+
 def resize(h, w=None):
   size = _size(h, w)
 
@@ -127,7 +154,16 @@ def central_crop(h, w=None):
     h, w = image.shape[:2]
     example = _moved(example, top / h, left / w, size[0] / h, size[1] / w)
     return dict(example, image=image[top:top + size[0], left:left + size[1]])
-  return op
+
+  def batched(batch, rngs=None):
+    image = batch["image"]
+    h, w = image.shape[1:3]
+    top, left = (h - size[0]) // 2, (w - size[1]) // 2
+    if top < 0 or left < 0:
+      raise ValueError(f"central_crop{size} of images of shape {image.shape[1:]}: resize first.")
+    batch = _moved_batch(batch, top / h, left / w, size[0] / h, size[1] / w)
+    return dict(batch, image=image[:, top:top + size[0], left:left + size[1]])
+  return _batched(op, batched)
 
 
 def central_pad(h, w=None):
@@ -177,7 +213,17 @@ def random_crop_pad(pad):
     top, left = rng.integers(0, 2 * pad + 1, size=2)
     example = _moved(example, (top - pad) / h, (left - pad) / w, 1.0, 1.0)
     return dict(example, image=padded[top:top + h, left:left + w])
-  return op
+
+  def batched(batch, rngs):
+    image = batch["image"]
+    n, h, w = image.shape[:3]
+    offsets = np.array([rng.integers(0, 2 * pad + 1, size=2) for rng in rngs]).reshape(n, 2)
+    padded = np.pad(image, ((0, 0), (pad, pad), (pad, pad)) + ((0, 0),) * (image.ndim - 3))
+    ys = offsets[:, 0, None] + np.arange(h)
+    xs = offsets[:, 1, None] + np.arange(w)
+    batch = _moved_batch(batch, (offsets[:, 0] - pad) / h, (offsets[:, 1] - pad) / w, 1.0, 1.0)
+    return dict(batch, image=padded[np.arange(n)[:, None, None], ys[:, :, None], xs[:, None, :]])
+  return _batched(op, batched)
 
 
 def flip_lr(example, rng):
@@ -186,12 +232,40 @@ def flip_lr(example, rng):
   return example
 
 
+def _flip_lr_batched(batch, rngs):
+  flip = np.array([rng.random() < 0.5 for rng in rngs], bool)
+  image = batch["image"]
+  batch = _moved_batch(batch, 0.0, 1.0, 1.0, -1.0, rows=flip)
+  return dict(batch, image=np.where(flip.reshape((-1,) + (1,) * (image.ndim - 1)), image[:, :, ::-1], image))
+
+
+flip_lr.batched = _flip_lr_batched
+
+
 def value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0):
+  def scale(x, xp=np):
+    x = xp.asarray(x, xp.float32)
+    return (x - in_min) / (in_max - in_min) * (vmax - vmin) + vmin  # float32 throughout, in this order
+
   def op(example, rng=None):
-    x = np.asarray(example["image"], np.float32)
-    x = (x - in_min) / (in_max - in_min) * (vmax - vmin) + vmin
-    return dict(example, image=x)
+    return dict(example, image=scale(example["image"]))
+  op = _batched(op, lambda batch, rngs=None: dict(batch, image=scale(batch["image"])))
+  table = scale(np.arange(256, dtype=np.uint8))  # every uint8 value as the host computes it
+
+  def on_device(x):
+    """Inside a jitted step: uint8 through the host's own table (XLA may turn / 255 into * (1 / 255),
+    one ulp off), anything else by the formula."""
+    jnp = _jnp()
+    if x.dtype == jnp.uint8:
+      return jnp.asarray(table)[x.astype(jnp.int32)]
+    return scale(x, jnp)
+  op.on_device = on_device
   return op
+
+
+def _jnp():
+  import jax.numpy as jnp
+  return jnp
 
 
 OPS: dict[str, Callable] = {
@@ -233,6 +307,59 @@ def _arguments(text: str, op: str) -> tuple[list[Any], dict[str, Any]]:
 
 def is_random(spec: str) -> bool:
   return any(name in RANDOM_OPS for name, _ in parse(spec))
+
+
+def split_device(spec: str) -> tuple[str, Callable | None]:
+  """(the ops to run on the host, the final op on the device or None): a final `value_range` moves to
+  the device, so the host hands over uint8 images (a quarter of float32's bytes)."""
+  parts = [p for p in spec.split("|") if p.strip()]
+  ops = parse(spec)
+  if ops and hasattr(ops[-1][1], "on_device"):
+    return "|".join(parts[:-1]), ops[-1][1].on_device
+  return spec, None
+
+
+def _stackable(examples: list[Example]) -> bool:
+  first = examples[0]
+  for k, v in first.items():
+    if not isinstance(v, (np.ndarray, np.generic, int, float)):
+      return False
+    shape = np.shape(v)
+    if any(not isinstance(e.get(k), (np.ndarray, np.generic, int, float)) or np.shape(e[k]) != shape
+           for e in examples[1:]):
+      return False
+  return all(e.keys() == first.keys() for e in examples)
+
+
+def apply_batch(ops: list[tuple[str, Callable]], examples: list[Example] | Example,
+                rngs: list[np.random.Generator] | None) -> Example:
+  """The ops over a batch of examples (a list, or already stacked), example i drawing from `rngs[i]`:
+  the same arrays as `apply` on each example, stacked.  Ops with a batched form run once over the
+  stacked batch, the others example by example."""
+  batch = examples if isinstance(examples, dict) else None
+  n = len(next(iter(batch.values()))) if batch is not None else len(examples)
+  for name, op in ops:
+    if name in RANDOM_OPS and rngs is None:
+      raise ValueError(f"Op {name!r} is random: use it in a training pipeline (evaluation is deterministic).")
+    if hasattr(op, "batched") and (batch is not None or _stackable(examples)):
+      batch = op.batched(batch if batch is not None else stack(examples), rngs)
+      continue
+    if batch is not None:
+      examples, batch = [{k: v[i] for k, v in batch.items()} for i in range(n)], None
+    examples = [op(e, r) if name in RANDOM_OPS else op(e) for e, r in zip(examples, rngs or [None] * n)]
+  return batch if batch is not None else stack(examples)
+
+
+def stack(examples: list[Example]) -> Example:
+  """Examples -> a batch; examples of different shapes are an error that says how to fix it."""
+  out = {}
+  for k in examples[0]:
+    shapes = sorted({np.shape(e[k]) for e in examples})
+    if len(shapes) > 1:
+      raise ValueError(f"The examples' {k!r} have different shapes {shapes[:4]}: add a resize or crop to the "
+                       "preprocessing (e.g. decode|resize(224)|...) so every example has the same shape.")
+    out[k] = np.stack([e[k] for e in examples])
+  return out
 
 
 def apply(ops: list[tuple[str, Callable]], example: Example, rng: np.random.Generator | None) -> Example:

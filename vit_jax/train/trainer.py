@@ -22,7 +22,7 @@ from etils import epath
 
 from vit_jax import files
 from vit_jax.checkpoint import settings_to_json
-from vit_jax.data import input_pipeline, score_maps
+from vit_jax.data import input_pipeline, preprocess, score_maps
 from vit_jax.train import resume
 from vit_jax.train import metrics as metrics_lib
 from vit_jax.train import multihost, optim, sharding, tasks
@@ -189,7 +189,10 @@ def build_program(config, mesh, num_classes: int, info=None, *, total_steps: int
     (loss, (m, extra)), grads = jax.value_and_grad(task.loss, has_aux=True)(params, extra, batch, rng, consts)
     return loss, m, extra, grads
 
+  train_images = _images_on_device(config.data.get("pp_train"))
+
   def train_step(state, guard, consts, batch):
+    batch = train_images(batch)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     consts = dict(consts, step=state["step"])  # e.g. scheduled sampling's decay
     params, extra = state["params"], state["extra"]
@@ -274,7 +277,8 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
                               default=total_steps)
   make_train_data = lambda start: input_pipeline.train_dataset(
       train_source, config.data.pp_train, global_batch, seed=config.seed, rows=placement.rows, start=start,
-      repeated_augmentation=int(config.data.get("repeated_augmentation", 1) or 1))
+      repeated_augmentation=int(config.data.get("repeated_augmentation", 1) or 1),
+      workers=int(config.data.get("workers", 0) or 0), on_device=True)
 
   # ---------------------------------------------------------------- model, optimizer, update step
   program = build_program(config, mesh, train_source.num_classes, train_source.info, total_steps=total_steps,
@@ -325,6 +329,8 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
   # ---------------------------------------------------------------- evaluation step
   constants = jax.device_put(task.constants, replicated)  # e.g. a teacher, replicated
 
+  eval_images = _images_on_device(config.data.get("pp_eval"))
+
   def eval_step(params, extra, batch, sums):
     """One evaluation batch added to the running sums; returns (sums, per-example outputs).
 
@@ -332,7 +338,7 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
     same time, and across processes their collectives could then meet in a different order on each
     process and hang.
     """
-    out = task.evaluate({"params": params, **extra}, batch)
+    out = task.evaluate({"params": params, **extra}, eval_images(batch))
     per_example = {k: out.pop(k) for k in list(out) if k.startswith("_")}
     return jax.tree_util.tree_map(jnp.add, sums, out), per_example
 
@@ -350,12 +356,13 @@ def _train(config, workdir: epath.Path, mesh) -> dict[str, float]:
 
   def evaluate_params(params, extra, prefix: str) -> dict[str, float]:
     sums, arrays = None, {}
-    batches = input_pipeline.eval_batches(eval_source, config.data.pp_eval, eval_global_batch,
+    batches = input_pipeline.eval_batches(eval_source, config.data.pp_eval, eval_global_batch, on_device=True,
                                           rows=eval_placement.rows)
     for k, batch in enumerate(batches):
       batch = eval_placement.put(batch)
       if sums is None:  # zeros shaped like the task's sums
-        shapes = jax.eval_shape(lambda p, e, b: task.evaluate({"params": p, **e}, b), params, extra, batch)
+        shapes = jax.eval_shape(lambda p, e, b: task.evaluate({"params": p, **e}, eval_images(b)),
+                                params, extra, batch)
         sums = multihost.from_host({name: np.zeros(v.shape, v.dtype) for name, v in shapes.items()
                                     if not name.startswith("_")}, replicated)
       sums, per_example = eval_fn(params, extra, batch, sums)
@@ -426,6 +433,15 @@ def _check_guard(guard) -> None:
   if step:
     raise NonFiniteLossError(f"The training loss is {loss} at step {step}: stopping without saving. The last good "
                              "checkpoint is kept; lower the learning rate or enable clip_norm, then rerun to resume.")
+
+
+def _images_on_device(pp: str | None):
+  """The input pipeline leaves a final `value_range` to the device (images travel as uint8): this
+  applies it to a batch inside the jitted step, the same float32 values the host would give."""
+  op = preprocess.split_device(pp)[1] if pp else None
+  if op is None:
+    return lambda batch: batch
+  return lambda batch: dict(batch, image=op(batch["image"])) if "image" in batch else batch
 
 
 def _check_batch(batch: Mapping[str, np.ndarray], expected: tuple[int, ...]) -> None:
