@@ -5,9 +5,10 @@
 
 Each revision is checked out into a temporary detached git worktree (WORKTREE is the files as they
 are now), and `main.py` runs there with this interpreter and a fresh workdir, before and after in
-turn so that the machine's load falls on both alike.  Printed per revision: the process's wall time
-and the training steps per second (median over the logged intervals after the first, which holds
-the compilation), each the median over the rounds, and the ratio after / before.
+turn so that the machine's load falls on both alike.  Printed per run: the process's wall time, the
+training steps per second (median over the logged intervals after the first, which holds the
+compilation) and the final test accuracy; then per revision the medians over the rounds, and the
+ratios after / before.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def checkout(rev: str, into: str) -> str:
   return into
 
 
-def run_demo(tree: str, workdir: str, extra: list[str]) -> tuple[float, float]:
+def run_demo(tree: str, workdir: str, extra: list[str]) -> tuple[float, float, float]:
   env = dict(os.environ, PYTHONPATH=tree)  # the revision's package, not the installed one
   t = time.perf_counter()
   done = subprocess.run([sys.executable, "main.py", f"--workdir={workdir}", *extra], cwd=tree, env=env,
@@ -45,7 +46,8 @@ def run_demo(tree: str, workdir: str, extra: list[str]) -> tuple[float, float]:
   rates = [r[k] for r in rows for k in r if k.startswith("perf/") and k.endswith("_per_sec")]
   with open(os.path.join(workdir, "config.json")) as f:
     batch = json.load(f)["batch_size"]
-  return wall, statistics.median(rates[1:] or rates) / batch
+  final = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+  return wall, statistics.median(rates[1:] or rates) / batch, final[-1] if final else float("nan")
 
 
 def main():
@@ -63,9 +65,10 @@ def main():
     results = {"before": [], "after": []}
     for r in range(args.rounds):
       for name in ("before", "after"):
-        wall, sps = run_demo(trees[name], os.path.join(scratch, f"work_{name}_{r}"), args.extra)
+        wall, sps, accuracy = run_demo(trees[name], os.path.join(scratch, f"work_{name}_{r}"), args.extra)
         results[name].append((wall, sps))
-        print(f"round {r} {name:6s} wall {wall:6.1f} s  {sps:6.1f} steps/s", flush=True)
+        print(f"round {r} {name:6s} wall {wall:6.1f} s  {sps:6.1f} steps/s  eval/accuracy {accuracy:.4f}",
+              flush=True)
   finally:
     for name, tree in trees.items():
       if tree != ROOT:

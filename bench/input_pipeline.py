@@ -2,9 +2,13 @@
 
     .venv/bin/python bench/input_pipeline.py            # digits demo + 224 px JPEG folder with Ti/16
 
-For each case it prints the images/s the grain pipeline delivers (decode,
-augment, batch; host threads) and the images/s the jitted train step of the
-matching model consumes; a ratio above 1 means the input keeps up.
+For each case it prints the images/s the grain pipeline delivers as the trainer
+uses it (small datasets held in memory, batched preprocessing, uint8 images; in
+two threads, or in worker processes) and, for reference, the same pipeline
+example by example (each example read as stored, grain's per-example
+`random_map`, float32 images: as the trainer fed itself before),
+next to the images/s the jitted train step of the matching model consumes; a
+ratio above 1 means the input keeps up.
 """
 
 from __future__ import annotations
@@ -26,13 +30,36 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs.vit import get_config  # noqa: E402
-from vit_jax.data import input_pipeline  # noqa: E402
+import grain.python as grain  # noqa: E402
+
+from vit_jax.data import input_pipeline, preprocess  # noqa: E402
 from vit_jax.train import optim, tasks  # noqa: E402
 
 
-def pipeline_rate(source, pp, batch, batches):
-  it = iter(input_pipeline.train_dataset(source, pp, batch, seed=0))
-  next(it)  # threads started, first batch ready
+class PerExample(grain.RandomMapTransform):
+  def __init__(self, spec):
+    self.ops = preprocess.parse(spec)
+
+  def random_map(self, example, rng):
+    out = preprocess.apply(self.ops, dict(example), rng)
+    return {"image": np.asarray(out["image"], np.float32), "label": np.int32(out["label"])}
+
+
+def per_example(source, pp, batch):
+  """The pipeline example by example, as the trainer fed itself before: each example read from the
+  stored dataset, grain's random_map, float32 images, then batching (two threads)."""
+  data = source.data
+  if isinstance(data, input_pipeline.Columns):  # the digits: read them as stored, not from memory
+    from vit_jax.data import digits
+    data = digits.prepare().as_data_source(split="train")
+  ds = grain.MapDataset.source(data).shuffle(seed=0).repeat(None).random_map(PerExample(pp), seed=1)
+  return ds.batch(batch).to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+
+
+def pipeline_rate(make, batch, batches):
+  it = iter(make())
+  for _ in range(3):
+    next(it)  # threads or workers started, buffers filled once
   t = time.perf_counter()
   for _ in range(batches):
     next(it)
@@ -78,29 +105,37 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--batches", type=int, default=30)
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--workers", default="0,1,2", help="worker processes to try (0: two threads)")
   args = parser.parse_args()
+  workers = [int(w) for w in args.workers.split(",")]
   rows = []
+
+  def case(name, src, pp, batch, batches, train):
+    rows.append((name, pp, batch, "per example (reference)", pipeline_rate(lambda: per_example(src, pp, batch),
+                                                                            batch, batches), train))
+    for w in workers:
+      make = lambda: input_pipeline.train_dataset(src, pp, batch, seed=0, workers=w, on_device=True)
+      rows.append((name, pp, batch, f"{w} worker processes" if w else "2 threads", pipeline_rate(make, batch, batches),
+                   train))
 
   demo = get_config()
   src = input_pipeline.get_source("digits", "train")
-  rows.append(("digits 8x8, demo ViT", demo.data.pp_train, demo.batch_size,
-               pipeline_rate(src, demo.data.pp_train, demo.batch_size, args.batches * 10),
-               step_rate(demo, 10, demo.batch_size, (8, 8, 1), args.steps * 20)))
+  case("digits 8x8, demo ViT", src, demo.data.pp_train, demo.batch_size, args.batches * 10,
+       step_rate(demo, 10, demo.batch_size, (8, 8, 1), args.steps * 20))
 
   ti = get_config("variant=Ti/16,dataset=folder")
   with tempfile.TemporaryDirectory() as tmp:
     src = input_pipeline.get_source(f"folder:{jpeg_folder(tmp)}", "train")
-    rows.append(("JPEG 256px -> 224, ViT-Ti/16", ti.data.pp_train, 32,
-                 pipeline_rate(src, ti.data.pp_train, 32, args.batches),
-                 step_rate(ti, 2, 32, (224, 224, 3), args.steps)))
+    case("JPEG 256px -> 224, ViT-Ti/16", src, ti.data.pp_train, 32, args.batches, step_rate(ti, 2, 32, (224, 224, 3),
+                                                                                          args.steps))
 
   print(f"# jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} cores; "
-        "pipeline: grain, 2 threads; train step: float32 AdamW")
-  print("| case | preprocessing | batch | pipeline img/s | train step img/s | pipeline / step |")
-  print("|---|---|---|---|---|---|")
-  for name, pp, batch, pipe, train in rows:
+        "train step: float32 AdamW")
+  print("| case | preprocessing | batch | pipeline | pipeline img/s | train step img/s | pipeline / step |")
+  print("|---|---|---|---|---|---|---|")
+  for name, pp, batch, how, pipe, train in rows:
     pp = pp.replace("|", "\\|")  # a literal bar inside a Markdown table cell
-    print(f"| {name} | `{pp}` | {batch} | {pipe:,.0f} | {train:,.1f} | {pipe / train:.1f}x |")
+    print(f"| {name} | `{pp}` | {batch} | {how} | {pipe:,.0f} | {train:,.1f} | {pipe / train:.1f}x |")
 
 
 if __name__ == "__main__":
