@@ -41,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.repeated_augmentation = 1  # DeiT's repeated augmentation: 3
   c.data.score_maps = ""  # token labeling: a directory written by `python -m vit_jax.data.score_maps`
   c.data.skip_unreadable = False  # image folders: skip files that cannot be decoded (with a warning)
+  c.data.workers = 0  # > 0: preprocessing in that many grain worker processes (JPEG decoding); 0: two threads
   durations(c, "total", "log", "eval", "checkpoint")
   c.mesh = (("data", -1),)  # tuples, so that --config.mesh="(('fsdp', -1),)" can override them
   # How mesh axes split across hosts, e.g. (("data", 2),): see vit_jax.train.sharding.make_mesh.
