@@ -63,6 +63,8 @@ def main(argv):
 
   try:
     multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value)
+    # Before anything compiles: a second start of the run loads its programs from this cache.
+    runtime.compilation_cache(_CONFIG.value.get("compilation_cache", "user"), _WORKDIR.value)
   except ValueError as e:
     sys.exit(cli.fail(e))
   try:

@@ -34,7 +34,9 @@ def checkout(rev: str, into: str) -> str:
 
 
 def run_demo(tree: str, workdir: str, extra: list[str]) -> tuple[float, float, float]:
-  env = dict(os.environ, PYTHONPATH=tree)  # the revision's package, not the installed one
+  # The revision's package, not the installed one; a cold compilation cache for every run.
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env.update(PYTHONPATH=tree, XDG_CACHE_HOME=os.path.join(workdir, "cache"))
   t = time.perf_counter()
   done = subprocess.run([sys.executable, "main.py", f"--workdir={workdir}", *extra], cwd=tree, env=env,
                         capture_output=True, text=True, timeout=3600)

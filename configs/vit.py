@@ -50,6 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sharding_rules = ml_collections.config_dict.placeholder(tuple)  # default: sharding.DEFAULT_RULES
   c.fsdp_min_size = 2 ** 14  # parameters with fewer elements stay replicated under FSDP
   c.accumulate = 1
+  # Compiled programs kept across starts: "user" (~/.cache/vit_jax/xla), "workdir", a path, or "" for none.
+  c.compilation_cache = "user"
   c.keep_checkpoints = 3
   c.keep_every_steps = ml_collections.config_dict.placeholder(int)
   c.label_smoothing = 0.0

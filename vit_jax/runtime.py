@@ -37,3 +37,42 @@ def tune_xla_cpu(env: dict[str, str] | None = None) -> bool:
     return False
   env["XLA_FLAGS"] = " ".join([current, *missing]).strip()
   return True
+
+
+COMPILE_CACHE_MAX_BYTES = 4 * 2 ** 30  # least recently used programs are evicted beyond this
+
+
+def compilation_cache(setting: str | None, workdir: str | None = None) -> str | None:
+  """Turn on JAX's persistent compilation cache, so that a second start of a run (a resumed job, the
+  same config again, another process on this host) loads its programs instead of compiling them.
+
+  `setting`: "user" ($XDG_CACHE_HOME/vit_jax/xla, else ~/.cache/vit_jax/xla), "workdir"
+  (WORKDIR/xla_cache, shared by the hosts of a job), any other path, or "" / "off" for none.  A cache
+  directory the user already chose (JAX_COMPILATION_CACHE_DIR or jax.config) is kept.  Every program
+  is cached, however quickly it compiled; processes on one host share the cache under a file lock.
+  Returns the directory in use, or None.
+  """
+  import jax
+
+  chosen = jax.config.jax_compilation_cache_dir
+  if chosen:
+    return chosen
+  if not setting or setting == "off":
+    return None
+  if setting == "user":
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "vit_jax", "xla")
+  elif setting == "workdir":
+    if not workdir:
+      raise ValueError("config.compilation_cache='workdir' needs a workdir: give --workdir or choose 'user'.")
+    path = os.path.join(str(workdir), "xla_cache")
+  else:
+    path = os.path.expanduser(setting)
+  if "://" not in path:
+    os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if "://" not in path:  # eviction (and the file lock that comes with it) on local disks
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+  return path
