@@ -38,7 +38,7 @@ def main():
   teacher = os.path.join(args.workdir, "teacher")
   print("Training the teacher (the demo ViT).", flush=True)
   teacher_acc = run(teacher, "configs/vit.py")["eval/accuracy"]
-  maps = os.path.join(teacher, "score_maps")
+  maps = os.path.join(args.workdir, "score_maps")  # beside the teacher: nothing is written into a checkpoint
   if not os.path.exists(os.path.join(maps, "meta.json")):
     subprocess.run([sys.executable, "-m", "vit_jax.data.score_maps", "--teacher", teacher, "--out", maps],
                    cwd=ROOT, check=True, capture_output=True)
