@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "classification"
   c.seed = 0
+  c.dtype = "float32"  # compute dtype: "bfloat16" for mixed precision (parameters and optimizer stay float32)
 
   c.data = ml_collections.ConfigDict(dict(name=arg.dataset, train_split="train", eval_split="test"))
   c.data.data_dir = ml_collections.config_dict.placeholder(str)
@@ -59,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mixup = dict(mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5)
   c.init = dict(path=arg.init, dont_load=(), reinit_head=True, posemb_resize="vit_jax")
   c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.05, clip_norm=1.0, scale_lr_by_batch=False,
+      name="adamw", lr=1e-3, b1=0.9, b2=0.999, mu_dtype="", weight_decay=0.05, clip_norm=1.0, scale_lr_by_batch=False,
       lr_mults=(), wd_mults=(), frozen=(), schedule=dict(decay="cosine", min_lr=0.0)))
   c.optim.layer_decay = ml_collections.config_dict.placeholder(float)
   durations(c.optim.schedule, "warmup")

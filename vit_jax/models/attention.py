@@ -147,7 +147,10 @@ def dot_product_attention(
   scale = 1.0 / np.sqrt(query.shape[-1]) if scale is None else scale
   use_dropout = dropout_rate > 0.0 and not deterministic
 
-  fused = (not return_weights and not use_dropout and query.shape[-1] == value.shape[-1]
+  # A single half-precision query (a MAP head's probe, a decoding step) takes the explicit path: it has
+  # nothing to fuse, and XLA's CPU backend cannot compile jax.nn.dot_product_attention's gradient for it.
+  single_half = q_len == 1 and jnp.dtype(query.dtype).itemsize < 4
+  fused = (not return_weights and not use_dropout and query.shape[-1] == value.shape[-1] and not single_half
            and logits_fn is None and weights_fn is None
            and query.ndim == 4 and (mask is None or mask.ndim <= 4) and (bias is None or bias.ndim <= 4))
   if fused:

@@ -4,6 +4,8 @@
 
 config.optim fields:
   name: "adam" | "adamw" | "sgd" | "lars";  b1, b2, eps (adam*), momentum, nesterov (sgd, lars)
+  mu_dtype: adam*: the first moment's dtype, e.g. "bfloat16" (half its memory, as big_vision offers);
+    default: the parameters' (float32); the second moment always keeps the parameters' dtype
   lr: base learning rate;  scale_lr_by_batch: lr *= batch_size / 256 (the MAE / DeiT convention)
   schedule: warmup_{steps|epochs|examples}, decay ("cosine" | "linear" | "rsqrt" | "constant" | "mae_cosine"),
     min_lr (end value of cosine / linear / mae_cosine), timescale (rsqrt)
@@ -170,6 +172,17 @@ def _add_weight_decay(weight_decay: float, mults) -> optax.GradientTransformatio
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(name: str | None, key: str):
+  if not name:
+    return None
+  if name not in DTYPES:
+    raise ValueError(f"{key}={name!r}: choose one of {DTYPES}.")
+  return jnp.dtype(name)
+
+
 def build(config: Mapping[str, Any], params: Mapping[str, Any], *, total_steps: int, steps_per_epoch: float,
           batch_size: int) -> tuple[optax.GradientTransformation, Callable]:
   """`(tx, lr_schedule)` for `params` (shapes suffice) as described in the module docstring."""
@@ -191,7 +204,8 @@ def build(config: Mapping[str, Any], params: Mapping[str, Any], *, total_steps: 
   if name in ("adam", "adamw"):
     if wd and name == "adam":  # coupled L2: the decay goes through Adam's normalisation
       chain.append(_add_weight_decay(wd, wd_mults))
-    chain.append(optax.scale_by_adam(b1=config.get("b1", 0.9), b2=config.get("b2", 0.999), eps=config.get("eps", 1e-8)))
+    chain.append(optax.scale_by_adam(b1=config.get("b1", 0.9), b2=config.get("b2", 0.999), eps=config.get("eps", 1e-8),
+                                     mu_dtype=_dtype(config.get("mu_dtype"), "config.optim.mu_dtype")))
     if wd and name == "adamw":
       chain.append(_add_weight_decay(wd, wd_mults))
   elif name == "sgd":

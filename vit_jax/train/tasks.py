@@ -433,5 +433,22 @@ def get_task(config: Mapping[str, Any], num_classes: int, source_info: Mapping[s
     if not (source_info or {}).get("text"):
       raise ValueError(f"The {name} task needs text pairs: set config.data.name to 'en_fr_generated' or "
                        "'pairs:/path/to/fra.txt'.")
-    return TASKS[name](config, num_classes, source_info)
-  return TASKS[name](config, num_classes)
+    task = TASKS[name](config, num_classes, source_info)
+  else:
+    task = TASKS[name](config, num_classes)
+  return compute_in(task, config.get("dtype") or "float32")
+
+
+def compute_in(task, dtype: str):
+  """Mixed precision: the task's model computes in `dtype` ("bfloat16") while its parameters, the
+  optimizer state, the losses, softmaxes and norm statistics stay float32 (the models upcast those).
+  A compute dtype is how a run trains, not what the model is: the saved settings do not hold it."""
+  if dtype == "float32":
+    return task
+  if dtype not in ("bfloat16", "float16"):
+    raise ValueError(f"config.dtype={dtype!r}: choose 'float32' or 'bfloat16' (or 'float16').")
+  if "dtype" not in getattr(type(task.model), "__dataclass_fields__", {}):
+    raise ValueError(f"config.dtype={dtype!r}: the {type(task.model).__name__} model computes in float32 only; "
+                     "set config.dtype='float32'.")
+  task.model = task.model.clone(dtype=jnp.dtype(dtype))
+  return task
