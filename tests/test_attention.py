@@ -272,3 +272,26 @@ def test_local_p_matches_formula_and_respects_padding():
   np.testing.assert_allclose(ctx, want_w @ k, rtol=RTOL, atol=ATOL)
   assert np.all(np.asarray(w)[1, :, 5:] == 0.0)
   assert np.all(np.asarray(p)[1] <= 4.0)
+
+
+@pytest.mark.parametrize("platform,dtype,head_dim,want", [
+    ("gpu", jnp.bfloat16, 64, "cudnn"), ("gpu", jnp.float16, 128, "cudnn"),
+    ("gpu", jnp.float32, 64, "xla"), ("gpu", jnp.bfloat16, 144, "xla"), ("gpu", jnp.bfloat16, 60, "xla"),
+    ("tpu", jnp.bfloat16, 64, "xla"), ("cpu", jnp.bfloat16, 64, "xla")])
+def test_the_default_fused_kernel_is_cudnn_for_half_precision_on_gpu(platform, dtype, head_dim, want):
+  q = jnp.zeros((2, 16, 4, head_dim), dtype)
+  chosen, why_not = A.fused_implementation(q, q, platform)
+  assert chosen == want
+  assert (why_not is not None) == (platform == "gpu" and want == "xla")  # a reason wherever GPU falls back
+
+
+def test_a_refused_cudnn_call_falls_back_to_xla_with_a_log_line(monkeypatch, caplog):
+  """Where cuDNN refuses a call (here: a CPU without it), the default gives XLA's result and says why."""
+  monkeypatch.setattr(A, "fused_implementation", lambda q, k, platform=None: ("cudnn", None))
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 4, 32), jnp.bfloat16) for i in range(3))
+  got = jax.jit(lambda q, k, v: A.dot_product_attention(q, k, v))(q, k, v)
+  want = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  assert "XLA's fused attention, cuDNN's refused it" in caplog.text
+  with pytest.raises(Exception):  # asked for by name, cuDNN is not replaced
+    jax.jit(lambda q: A.dot_product_attention(q, q, q, implementation="cudnn"))(q)

@@ -13,6 +13,7 @@ Conventions used throughout this module:
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable, Literal, Sequence
 
 import flax.linen as nn
@@ -25,6 +26,31 @@ Dtype = Any
 Initializer = Callable[..., Array]
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
+CUDNN_DTYPES = ("bfloat16", "float16")
+
+
+def fused_implementation(query: Array, key: Array, platform: str | None = None) -> tuple[str, str | None]:
+  """The fused kernel the default (`implementation=None`) picks, and why not cuDNN where it does not.
+
+  On GPU, half-precision attention goes to cuDNN's fused (flash) attention; where its shape or dtype
+  rules it out, and on every other platform, to XLA's fused attention (TPU, CPU).
+  """
+  platform = platform or jax.default_backend()
+  if platform not in ("gpu", "cuda"):
+    return "xla", None
+  if str(query.dtype) not in CUDNN_DTYPES:
+    return "xla", f"dtype {query.dtype} (cuDNN fuses {' / '.join(CUDNN_DTYPES)}: set config.dtype='bfloat16')"
+  d = query.shape[-1]
+  if d > 128 or d % 8:
+    return "xla", f"head dimension {d} (cuDNN takes multiples of 8 up to 128)"
+  if key.shape[-2] != query.shape[-2] and query.shape[-2] % key.shape[-2]:
+    return "xla", f"{query.shape[-2]} query heads over {key.shape[-2]} key heads"
+  return "cudnn", None
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(message: str) -> None:
+  logging.getLogger(__name__).warning(message)
 
 
 # ---------------------------------------------------------------------------
@@ -123,9 +149,10 @@ def dot_product_attention(
     deterministic: disables dropout.
     broadcast_dropout: share the dropout mask over batch and heads.
     return_weights: also return the probabilities `[batch..., heads, q_len, kv_len]`.
-    implementation: `None` / "xla" / "cudnn", forwarded to
-      `jax.nn.dot_product_attention` on the fused path (used whenever no weights
-      are requested, no dropout is active and `d_k == d_v`).
+    implementation: the fused kernel of `jax.nn.dot_product_attention`, used whenever no weights
+      are requested, no dropout is active and `d_k == d_v`: "xla", "cudnn", or None for the
+      best one for the platform (`fused_implementation`: cuDNN for half precision on GPU, XLA's
+      elsewhere), which falls back to XLA's with a log line where cuDNN cannot take the call.
     precision: matmul precision for the explicit path.
     logits_fn / weights_fn: maps of `[batch..., heads, q_len, kv_len]` applied to the scaled logits
       (before bias and mask) and to the probabilities (before dropout), e.g. talking heads' mixing
@@ -155,9 +182,18 @@ def dot_product_attention(
            and query.ndim == 4 and (mask is None or mask.ndim <= 4) and (bias is None or bias.ndim <= 4))
   if fused:
     expand = lambda a: None if a is None else a.reshape((1,) * (4 - a.ndim) + a.shape)
-    out = jax.nn.dot_product_attention(
-        query, key, value, bias=expand(bias), mask=expand(mask), scale=scale,
-        implementation=implementation)
+    attend = functools.partial(jax.nn.dot_product_attention, query, key, value, bias=expand(bias),
+                               mask=expand(mask), scale=scale)
+    chosen, why_not = (implementation, None) if implementation else fused_implementation(query, key)
+    if why_not:
+      _say_once(f"attention {tuple(query.shape)}: XLA's fused attention, not cuDNN's: {why_not}.")
+    try:
+      out = attend(implementation=chosen)
+    except (NotImplementedError, ValueError, RuntimeError) as e:  # cuDNN refuses the call while tracing
+      if implementation or chosen == "xla":
+        raise
+      _say_once(f"attention {tuple(query.shape)}: XLA's fused attention, cuDNN's refused it: {e}")
+      out = attend(implementation="xla")
     if mask is not None:
       # Rows with no valid key: jax returns the mean of the values; we return 0.
       row_valid = jnp.any(expand(mask), axis=-1)  # [b|1, h|1, q]
