@@ -1,11 +1,12 @@
-"""ViT train-step benchmark: vit_jax against Hugging Face ViT (PyTorch) in the same run.
+"""ViT train-step and inference benchmark: vit_jax against Hugging Face ViT (PyTorch) in the same run.
 
     .venv/bin/python bench/vit_step.py --variant Ti/16 --resolution 224 --batch 32
 
 Both sides run the same architecture (exact GELU, LayerNorm eps 1e-6, qkv bias,
 class token, 1000-class head), AdamW with float32 states, softmax cross-entropy,
 synthetic data resident in memory.  Rounds alternate jax / torch so that machine
-noise hits both; the table reports medians.  `--gelu tanh` runs both sides
+noise hits both; the table reports medians, for the train step and for inference (the
+forward pass alone: jitted here, `torch.no_grad()` in eval mode there).  `--gelu tanh` runs both sides
 with the tanh approximation (flax's default, HF "gelu_pytorch_tanh") instead.
 By default XLA:CPU runs with `vit_jax.runtime.tune_xla_cpu()`;
 `--xla-default-flags` shows XLA's defaults.  Also printed: the fraction of the
@@ -76,7 +77,7 @@ def make_jax_step(model, tx):
   return step
 
 
-def jax_setup(args, cfg, depth=None, scan=False):
+def jax_setup(args, cfg, depth=None, scan=False, model_out=None):
   model = VisionTransformer(num_classes=1000, activation=GELU[args.gelu][0], scan=scan,
                             **dict(cfg, depth=depth or cfg["depth"]))
   images = jnp.asarray(np.random.default_rng(0).standard_normal(
@@ -85,6 +86,8 @@ def jax_setup(args, cfg, depth=None, scan=False):
   params = jax.jit(model.init)(jax.random.key(0), images[:1])["params"]
   tx = optax.adamw(1e-4, weight_decay=0.05)
   step = jax.jit(make_jax_step(model, tx), donate_argnums=(0, 1))
+  if model_out is not None:
+    model_out.append(model)
   return step, params, tx.init(params), images, labels
 
 
@@ -97,12 +100,19 @@ def compile_seconds(args, cfg, depth, scan):
 
 class JaxRunner:
   def __init__(self, args, cfg):
-    self.step, self.params, self.opt_state, self.images, self.labels = jax_setup(args, cfg)
+    model = []
+    self.step, self.params, self.opt_state, self.images, self.labels = jax_setup(args, cfg, model_out=model)
+    self.forward = jax.jit(lambda p, x: model[0].apply({"params": p}, x)[0])
 
   def run(self, steps):
     for _ in range(steps):
       self.params, self.opt_state, loss = self.step(self.params, self.opt_state, self.images, self.labels)
     loss.block_until_ready()
+
+  def infer(self, steps):
+    for _ in range(steps):
+      logits = self.forward(self.params, self.images)
+    logits.block_until_ready()
 
 
 class TorchRunner:
@@ -129,12 +139,21 @@ class TorchRunner:
       loss.backward()
       self.opt.step()
 
+  def infer(self, steps):
+    self.model.eval()
+    with self.torch.no_grad():
+      for _ in range(steps):
+        self.model(pixel_values=self.images)
+    self.model.train()
+
 
 def _worker(conn, name, args, cfg):
   runner = (JaxRunner if name == "vit_jax" else TorchRunner)(args, cfg)
   conn.send(_timeit(lambda: runner.run(1)))  # the first call (compilation / warm-up)
-  while (steps := conn.recv()) is not None:
-    conn.send(_timeit(lambda: runner.run(steps)))
+  runner.infer(1)
+  while (request := conn.recv()) is not None:
+    what, steps = request
+    conn.send(_timeit(lambda: (runner.run if what == "train" else runner.infer)(steps)))
 
 
 def main():
@@ -172,10 +191,13 @@ def main():
     workers[name] = (parent, proc)
   first_call = {name: conn.recv() for name, (conn, _) in workers.items()}
   times = {k: [] for k in names}
+  infer_times = {k: [] for k in names}
   for _ in range(args.rounds):
     for name, (conn, _) in workers.items():
-      conn.send(args.steps)
+      conn.send(("train", args.steps))
       times[name].append(conn.recv() / args.steps)
+      conn.send(("infer", args.steps))
+      infer_times[name].append(conn.recv() / args.steps)
   for conn, proc in workers.values():
     conn.send(None)
     proc.join()
@@ -187,9 +209,17 @@ def main():
     rows.append((name, f"{ips:.2f}", f"{args.batch / max(ts):.2f}-{args.batch / min(ts):.2f}",
                  f"{1e3 * med:.0f}", f"{flops_img * ips / 1e9 / peak:.0%}", f"{first_call[name]:.1f}"))
   _table(["train step", "img/s (median)", "img/s range", "ms/step", "of matmul peak", "first call s"], rows)
+  print()
+  rows = []
+  for name, ts in infer_times.items():
+    med = statistics.median(ts)
+    rows.append((name, f"{args.batch / med:.2f}", f"{args.batch / max(ts):.2f}-{args.batch / min(ts):.2f}",
+                 f"{1e3 * med:.0f}", f"{flops_img / 3 * args.batch / med / 1e9 / peak:.0%}"))
+  _table(["inference", "img/s (median)", "img/s range", "ms/batch", "of matmul peak"], rows)
   if not args.no_torch:
     ratio = statistics.median(times["HF ViT (torch)"]) / statistics.median(times["vit_jax"])
-    print(f"\nvit_jax / HF ViT throughput ratio: {ratio:.2f}x   "
+    infer_ratio = statistics.median(infer_times["HF ViT (torch)"]) / statistics.median(infer_times["vit_jax"])
+    print(f"\nvit_jax / HF ViT throughput ratio: train {ratio:.2f}x, inference {infer_ratio:.2f}x   "
           f"(matmul peak {peak:.0f} GFLOP/s, {flops_img / 1e9:.2f} GFLOP per training image)")
 
   depths = [int(d) for d in args.compile_depths.split(",") if d]
