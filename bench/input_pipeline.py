@@ -115,7 +115,8 @@ def main():
                                                                             batch, batches), train))
     for w in workers:
       make = lambda: input_pipeline.train_dataset(src, pp, batch, seed=0, workers=w, on_device=True)
-      rows.append((name, pp, batch, f"{w} worker processes" if w else "2 threads", pipeline_rate(make, batch, batches),
+      how = f"{w} worker process{'es' if w > 1 else ''}" if w else "2 threads"
+      rows.append((name, pp, batch, how, pipeline_rate(make, batch, batches),
                    train))
 
   demo = get_config()

@@ -68,6 +68,9 @@ COVERED = {
                                  "it repeats at other patch sizes)",
     "bench/teacher_digits.py": "tests/test_teacher.py (the same runs, tiny)",
     "bench/qk_norm_stability.py": "tests/test_block_options.py (QK-norm against torch; the options in the trainer)",
+    "bench/precision_digits.py": "tests/test_precision.py (bfloat16 compute, float32 statistics and state)",
+    "bench/demo_ab.py": "tests/test_readme.py (the demo it runs at two revisions)",
+    "bench/compile_cache.py": "tests/test_runtime.py::test_a_second_start_loads_every_program_from_the_cache",
     "bench/peg_resolution.py":
         "tests/test_block_options.py::test_trainer_runs_the_options_on_a_data_by_tensor_mesh_and_the_peg_model_grows "
         "(its evaluation at a larger size)",
