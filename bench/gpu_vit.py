@@ -52,6 +52,8 @@ def config(args):
   c.dtype = args.dtype
   c.batch_size = args.batch
   c.model.update(dict(num_classes=1000, pool_type="token", activation="gelu", head_zeroinit=False))
+  if args.depth:
+    c.model.depth = args.depth
   c.data.pp_train = "value_range(-1, 1)"
   c.data.image_size = args.resolution
   return c
@@ -138,6 +140,7 @@ def torch_rates(args, compile_model: bool):
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--variant", default="B/16")
+  parser.add_argument("--depth", type=int, default=None, help="override the variant's depth (a quick check)")
   parser.add_argument("--resolution", type=int, default=224)
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--dtype", default="bfloat16")

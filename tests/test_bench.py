@@ -15,8 +15,8 @@ CASES = {
     "vit_step": ["--variant", "Ti/16", "--resolution", "32", "--batch", "2", "--steps", "1", "--rounds", "1",
                  "--compile-depths", ""],
     "memory": ["--variants", "Ti/16", "--devices", "8", "--meshes", "fsdp", "--resolution", "32"],
-    "gpu_vit": ["--variant", "Ti/16", "--resolution", "32", "--batch", "2", "--steps", "1", "--rounds", "1",
-                "--skip-torch"],  # on CPU: the vit_jax half of the GPU benchmark
+    "gpu_vit": ["--variant", "Ti/16", "--depth", "2", "--resolution", "32", "--batch", "2", "--steps", "1",
+                "--rounds", "1", "--skip-torch"],  # on CPU: the vit_jax half of the GPU benchmark
     "decode": ["--models", "lstm-luong", "--batch", "2", "--source_len", "8", "--max_len", "6",
                "--beam", "2", "--repeats", "1"],
 }

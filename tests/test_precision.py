@@ -48,12 +48,13 @@ def test_bfloat16_matmuls_with_float32_statistics_and_parameters(model):
     assert any(e.primitive.name == op and place in str(e.source_info.name_stack) for e in forward), (op, place)
   assert all(str(e.invars[0].aval.dtype) == "float32" for e in forward), sorted(
       (e.primitive.name, str(e.source_info.name_stack)) for e in forward if e.invars[0].aval.dtype != jnp.float32)
-  (loss, _), grads = jax.value_and_grad(task.loss, has_aux=True)(params, variables, batch, jax.random.key(2))
+  (loss, _), grads = jax.jit(jax.value_and_grad(task.loss, has_aux=True))(params, variables, batch,
+                                                                          jax.random.key(2))
   assert loss.dtype == jnp.float32 and np.isfinite(loss)
   assert {a.dtype for a in jax.tree_util.tree_leaves(grads)} == {jnp.dtype(jnp.float32)}
   # Within bfloat16's precision of the same model computing in float32.
   f32 = tasks.get_task(config("float32", **model), 10)
-  (want, _), _ = jax.value_and_grad(f32.loss, has_aux=True)(params, variables, batch, jax.random.key(2))
+  want, _ = jax.jit(f32.loss)(params, variables, batch, jax.random.key(2))
   np.testing.assert_allclose(loss, want, rtol=2e-2)
 
 

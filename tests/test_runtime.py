@@ -32,9 +32,17 @@ def test_unknown_jaxlib_versions_get_no_flags(monkeypatch):
 
 
 def start(workdir, env, *flags):
-  done = subprocess.run([sys.executable, "main.py", f"--workdir={workdir}", *TINY, *flags], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
+  return subprocess.Popen([sys.executable, "main.py", f"--workdir={workdir}", *TINY, *flags], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish(*runs):
+  for run in runs:
+    try:
+      err = run.communicate(timeout=300)[1]
+    finally:
+      run.kill()
+    assert run.returncode == 0, err[-2000:]
 
 
 def entries(path):
@@ -44,15 +52,20 @@ def entries(path):
 @pytest.mark.slow
 def test_a_second_start_loads_every_program_from_the_cache(tmp_path):
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-  env["XDG_CACHE_HOME"] = str(tmp_path / "user")
-  start(tmp_path / "a", env)  # the default: the user's cache
-  first = entries(tmp_path / "user" / "vit_jax" / "xla")
+  user = tmp_path / "user" / "vit_jax" / "xla"
+  finish(start(tmp_path / "a", dict(env, XDG_CACHE_HOME=str(tmp_path / "user"))))  # the default: the user's cache
+  first = entries(user)
   assert len(first) >= 3  # init, train step, evaluation (and the small programs around them)
-  start(tmp_path / "b", env)  # the same run again: nothing new to compile
-  assert entries(tmp_path / "user" / "vit_jax" / "xla") == first
-  # Off by config; a directory the user chose is kept.
-  start(tmp_path / "c", env, "--config.compilation_cache=")
-  start(tmp_path / "d", dict(env, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine")),
-        f"--config.compilation_cache={tmp_path / 'ignored'}")
-  assert entries(tmp_path / "user" / "vit_jax" / "xla") == first
-  assert entries(tmp_path / "mine") and not os.path.exists(tmp_path / "ignored")
+  finish(start(tmp_path / "b", dict(env, XDG_CACHE_HOME=str(tmp_path / "user"))),  # again: nothing to compile
+         start(tmp_path / "c", dict(env, XDG_CACHE_HOME=str(tmp_path / "other")), "--config.compilation_cache="))
+  assert entries(user) == first
+  assert not os.path.exists(tmp_path / "other")  # off: nothing written
+
+
+def test_a_cache_directory_the_user_chose_is_kept(tmp_path):
+  import jax
+  chosen = jax.config.jax_compilation_cache_dir  # this test session's, from JAX_COMPILATION_CACHE_DIR
+  assert chosen
+  assert runtime.compilation_cache(str(tmp_path / "elsewhere"), str(tmp_path)) == chosen
+  assert runtime.compilation_cache("workdir", str(tmp_path)) == chosen
+  assert not os.listdir(tmp_path)  # nothing created for the settings that were not used
