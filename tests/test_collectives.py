@@ -71,8 +71,8 @@ def test_fsdp_gathers_parameters_and_moves_no_activations():
   # Parameters gathered for the forward pass (once or, rematerialised, twice) and the head's
   # [batch, classes] logit gradient, which XLA gathers instead of the [width, classes] kernel.
   assert NUM_PARAMS <= gathered <= 2 * NUM_PARAMS, (gathered, NUM_PARAMS)
-  activation = BATCH * TOKENS * WIDTH // 8
-  assert not [s for k, shapes in found if k == "all-gather" for s in shapes if math.prod(s) == activation]
+  # Nothing token-sized is gathered: the largest gathered array (the stacked q / k / v kernel) is smaller.
+  assert max(math.prod(s) for k, shapes in found if k == "all-gather" for s in shapes) < BATCH * TOKENS * WIDTH
   # Gradients: reduce-scatters on GPU / TPU; XLA's CPU backend reduces, then each device keeps its slice.
   reduced = sum(math.prod(s) for k, shapes in found if k in ("all-reduce", "reduce-scatter", "all-to-all")
                 for s in shapes)

@@ -31,7 +31,6 @@ import grain.python as grain
 import numpy as np
 
 from vit_jax.data import preprocess
-from vit_jax.data.preprocess import stack  # noqa: F401  (examples -> a batch, for callers of this module)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -246,11 +245,7 @@ class RepeatedAugmentation:
 
   def indices(self, positions: np.ndarray) -> np.ndarray:
     """The example index at each stream position."""
-    epoch, pos = np.divmod(np.asarray(positions, np.int64), len(self.data))
-    out = np.empty(len(pos), np.int64)
-    for e in np.unique(epoch):
-      out[epoch == e] = self.order(int(e))[pos[epoch == e]]
-    return out
+    return _by_epoch(positions, len(self.data), self.order)
 
   def __getitem__(self, i: int):
     return self.data[int(self.indices([i])[0])]
@@ -278,11 +273,16 @@ class Shuffled:
     positions = np.asarray(positions, np.int64)
     if not self.whole_epochs:
       return np.fromiter((self.stream[int(p)] for p in positions), np.int64, len(positions))
-    epoch, pos = np.divmod(positions, self.n)
-    out = np.empty(len(pos), np.int64)
-    for e in np.unique(epoch):
-      out[epoch == e] = self._order(int(e))[pos[epoch == e]]
-    return out
+    return _by_epoch(positions, self.n, self._order)
+
+
+def _by_epoch(positions, n: int, order) -> np.ndarray:
+  """`order(epoch)[position within it]` for stream positions over epochs of `n` examples."""
+  epoch, pos = np.divmod(np.asarray(positions, np.int64), n)
+  out = np.empty(len(pos), np.int64)
+  for e in np.unique(epoch):
+    out[epoch == e] = order(int(e))[pos[epoch == e]]
+  return out
 
 
 class Columns:
@@ -440,9 +440,8 @@ def train_dataset(source: Source, pp: str, batch_size: int, *, seed: int, rows=N
     order = RepeatedAugmentation(source.data, repeated_augmentation, seed)
   else:
     order = Shuffled(len(source.data), seed, whole_epochs=isinstance(source.data, Columns))
-  host_pp, device_op = preprocess.split_device(pp) if on_device else (pp, None)
-  batches = _ImageBatches(source.data, order, preprocess.parse(host_pp), seed + 1, batch_size, rows, start,
-                          device_op is not None)
+  ops, device_op = preprocess.split_device(pp) if on_device else (preprocess.parse(pp), None)
+  batches = _ImageBatches(source.data, order, ops, seed + 1, batch_size, rows, start, device_op is not None)
   return _iterate(batches, workers, 2)
 
 
@@ -480,6 +479,6 @@ def eval_batches(source: Source, pp: str, batch_size: int, *, rows=None,
   while the device evaluates.  on_device: as in `train_dataset`.
   """
   rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
-  host_pp, device_op = preprocess.split_device(pp) if on_device else (pp, None)
-  batches = _EvalBatches(source, preprocess.parse(host_pp), batch_size, rows, device_op is not None)
+  ops, device_op = preprocess.split_device(pp) if on_device else (preprocess.parse(pp), None)
+  batches = _EvalBatches(source, ops, batch_size, rows, device_op is not None)
   return iter(_iterate(batches, 0, 2))

@@ -309,14 +309,13 @@ def is_random(spec: str) -> bool:
   return any(name in RANDOM_OPS for name, _ in parse(spec))
 
 
-def split_device(spec: str) -> tuple[str, Callable | None]:
-  """(the ops to run on the host, the final op on the device or None): a final `value_range` moves to
-  the device, so the host hands over uint8 images (a quarter of float32's bytes)."""
-  parts = [p for p in spec.split("|") if p.strip()]
+def split_device(spec: str) -> tuple[list[tuple[str, Callable]], Callable | None]:
+  """(the parsed ops to run on the host, the final op on the device or None): a final `value_range`
+  moves to the device, so the host hands over uint8 images (a quarter of float32's bytes)."""
   ops = parse(spec)
   if ops and hasattr(ops[-1][1], "on_device"):
-    return "|".join(parts[:-1]), ops[-1][1].on_device
-  return spec, None
+    return ops[:-1], ops[-1][1].on_device
+  return ops, None
 
 
 def _stackable(examples: list[Example]) -> bool:
