@@ -17,6 +17,8 @@ deterministic and resumable.
 | `random_crop_pad(pad)` | pad by `pad` pixels (edge value 0) and crop back to the original size: small shifts |
 | `flip_lr` | random horizontal flip |
 | `value_range(vmin, vmax)` | uint8 0..255 -> float32 in [vmin, vmax] |
+| `randaug(num_layers, magnitude, magnitude_std=0, policy="big_vision")` | RandAugment on uint8 images (`vit_jax.data.randaug`: AugReg's `randaug(2, 15)`, or DeiT's `randaug(2, 9, magnitude_std=0.5, policy="timm")`) |
+| `random_erase(probability=0.25)` | DeiT's random erasing: one rectangle of N(0, 1) noise, on float images (after `value_range`) |
 
 Batches: `apply_batch` runs the ops over a whole batch, each example with its own generator, and
 gives exactly what `apply` gives per example; the ops that allow it (`decode` of arrays, `central_crop`,
@@ -263,6 +265,27 @@ def value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0):
   return op
 
 
+def randaug(num_layers=2, magnitude=10, magnitude_std=0.0, policy="big_vision"):
+  from vit_jax.data.randaug import RandAugment
+  augment = RandAugment(num_layers, magnitude, magnitude_std, policy)
+
+  def op(example, rng):
+    if "geometry" in example:
+      raise ValueError("randaug rotates and shears, which `geometry` (token labeling's crop boxes) cannot "
+                       "follow: drop randaug from pp_train or train without score maps.")
+    return dict(example, image=augment(np.asarray(example["image"]), rng))
+  return op
+
+
+def random_erase(probability=0.25, area_min=0.02, area_max=1 / 3, min_aspect=0.3):
+  from vit_jax.data.randaug import random_erase as erase
+
+  def op(example, rng):
+    return dict(example, image=erase(np.asarray(example["image"]), rng, probability, (area_min, area_max),
+                                     min_aspect))
+  return op
+
+
 def _jnp():
   import jax.numpy as jnp
   return jnp
@@ -272,8 +295,9 @@ OPS: dict[str, Callable] = {
     "decode": lambda: decode, "resize": resize, "central_crop": central_crop, "central_pad": central_pad,
     "inception_crop": inception_crop,
     "random_crop_pad": random_crop_pad, "flip_lr": lambda: flip_lr, "value_range": value_range,
+    "randaug": randaug, "random_erase": random_erase,
 }
-RANDOM_OPS = {"inception_crop", "random_crop_pad", "flip_lr"}
+RANDOM_OPS = {"inception_crop", "random_crop_pad", "flip_lr", "randaug", "random_erase"}
 
 
 def parse(spec: str) -> list[tuple[str, Callable]]:
