@@ -10,8 +10,8 @@
     python main.py --config configs/deit.py:variant=DeiT-S,dataset=imagenet2012,teacher=TEACHER.npz \
         --workdir workdirs/deit_s
   The paper's recipe: AdamW, lr 5e-4 x batch / 512, weight decay 0.05, 5 warmup epochs then cosine to
-  1e-5, 300 epochs at batch 1024, drop path 0.1, label smoothing 0.1, mixup 0.8 / CutMix 1.0, repeated
-  augmentation x3, EMA 0.99996.  The teacher is any classifier our code loads (our checkpoint or a
+  1e-5, 300 epochs at batch 1024, drop path 0.1, label smoothing 0.1, RandAugment (timm's
+  rand-m9-mstd0.5-inc1), random erasing 0.25, mixup 0.8 / CutMix 1.0, repeated augmentation x3, EMA 0.99996.  The teacher is any classifier our code loads (our checkpoint or a
   published .npz) trained on the same labels; it sees the same augmented, mixed batch in inference
   mode.  The paper's RegNetY-16GF teacher is a convnet this code base does not implement.
 """
@@ -49,5 +49,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.label_smoothing = 0.1
   c.mixup.update(dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5))
   c.data.repeated_augmentation = 3
+  c.data.pp_train = vit.PP_DEIT_TRAIN.format(s=c.data.image_size)
   c.ema_decay = 0.99996
   return c

@@ -50,5 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.schedule.update(dict(warmup_epochs=5, warmup_steps=None, decay="cosine", min_lr=1e-5))
   c.label_smoothing = 0.1
   c.mixup.update(dict(mixup_alpha=0.0, cutmix_alpha=0.0))
+  # The paper's RandAugment warps the score maps with the image; crop boxes (`geometry`) cannot follow a
+  # rotation or shear, so with score maps the images get crops, flips and random erasing only.
+  randaug = "" if labeled else "randaug(2, 9, magnitude_std=0.5, policy='timm')|"
+  c.data.pp_train = (f"decode|inception_crop({c.data.image_size}, area_min=8)|flip_lr|{randaug}"
+                     "value_range(-1, 1)|random_erase(0.25)")
   c.ema_decay = 0.99992
   return c

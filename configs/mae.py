@@ -102,6 +102,11 @@ def _finetune(c: ml_collections.ConfigDict, a) -> ml_collections.ConfigDict:
     c.optim.update(dict(name="lars", lr=0.1, momentum=0.9, weight_decay=0.0, scale_lr_by_batch=True,
                         frozen=("^(?!head/)",), clip_norm=0.0))
     c.optim.layer_decay = None
+  if a.variant != "digits":  # the paper's fine-tuning augmentation; linear probing: crops and flips only
+    probe = a.mode == "linear_probe"
+    c.data.pp_train = (f"decode|inception_crop({c.data.image_size}, area_min=8)|flip_lr|value_range(-1, 1)"
+                       if probe else vit.PP_DEIT_TRAIN.format(s=c.data.image_size))
+    c.mixup.update(dict(mixup_alpha=0.0 if probe else 0.8, cutmix_alpha=0.0 if probe else 1.0, switch_prob=0.5))
   if a.variant == "digits" and not a.runlocal:
     c.total_steps, c.eval_steps, c.checkpoint_steps = 300, 300, 300
   return c

@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(settings)
   size = 384 if settings["window_size"] == 12 else 256 if settings["version"] == 2 else 224
   c.data.image_size = size
-  c.data.pp_train = vit.PP_IMAGENET["pp_train"].format(s=size)
+  c.data.pp_train = vit.PP_DEIT_TRAIN.format(s=size)  # Swin trains with DeiT's augmentation
   c.data.pp_eval = vit.PP_IMAGENET["pp_eval"].format(s=size, r=size * 8 // 7)
   c.batch_size = c.eval_batch_size = 1024
   c.total_epochs, c.total_steps = 300, None

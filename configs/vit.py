@@ -15,6 +15,15 @@ scikit-learn's bundled digits, fully offline.
         --config.data.image_size=384 --workdir workdirs/b16_pets
   Fine-tunes a published checkpoint at a new resolution (head reset, position embedding resized).
 
+AugReg ("How to train your ViT?", Steiner et al. 2021): `aug=` one of the named settings of the released
+checkpoints (RandAugment layers and magnitude with AugReg's policy, mixup alpha), `do=` dropout and
+`sd=` stochastic depth:
+
+    python main.py --config configs/vit.py:aug=medium2 --workdir workdirs/digits_medium2
+    python main.py --config configs/vit.py:variant=B/16,dataset=imagenet2012,aug=medium2,do=0.1,sd=0.1 ...
+  ImageNet variants default to AugReg's ImageNet-1k choice (Ti/16 light0, S/32 light1, S/16, B/32, B/16,
+  L/16 medium2; others light1), the digits to none.
+
 Any field can be overridden: `--config.optim.lr=1e-3`, `--config.total_steps=2000`,
 `--config.mesh="(('fsdp', -1),)"`.  Unknown names fail with the closest valid ones.
 """
@@ -26,12 +35,43 @@ import ml_collections
 from configs.common import durations, parse_arg
 from configs.models import decode_variant
 
-PP_IMAGENET = dict(pp_train="decode|inception_crop({s})|flip_lr|value_range(-1, 1)",
+PP_IMAGENET = dict(pp_train="decode|inception_crop({s})|flip_lr|{randaug}value_range(-1, 1)",
                    pp_eval="decode|resize({r})|central_crop({s})|value_range(-1, 1)")
+
+# DeiT's training images (timm's rand-m9-mstd0.5-inc1 and random erasing 0.25 after normalisation), which
+# Swin and MAE's fine-tuning use as well.  random_erase works on the normalised floats, so these images reach
+# the device as float32 rather than uint8.
+PP_DEIT_TRAIN = ("decode|inception_crop({s}, area_min=8)|flip_lr|randaug(2, 9, magnitude_std=0.5, policy='timm')"
+                 "|value_range(-1, 1)|random_erase(0.25)")
+
+# AugReg's named settings: (RandAugment (layers, magnitude) or None, mixup alpha).  "light0" is RandAugment
+# at magnitude 0, which AugReg's policy does not make the identity (enhance factor 0.1, posterize to 0 bits).
+AUGREG = {
+    "none": (None, 0.0),
+    "light0": ((2, 0), 0.0),
+    "light1": ((2, 10), 0.2),
+    "medium1": ((2, 15), 0.2),
+    "medium2": ((2, 15), 0.5),
+    "strong1": ((2, 20), 0.5),
+    "strong2": ((2, 20), 0.8),
+}
+AUGREG_I1K = {"Ti/16": "light0", "S/32": "light1", "S/16": "medium2", "B/32": "medium2", "B/16": "medium2",
+              "L/16": "medium2"}
+
+
+def augreg(name: str) -> tuple[str, float]:
+  """(the `randaug(...)|` step for pp_train, or "", mixup alpha) of an AugReg setting."""
+  if name not in AUGREG:
+    raise ValueError(f"Unknown AugReg setting aug={name!r}: choose one of {list(AUGREG)}.")
+  layers_magnitude, alpha = AUGREG[name]
+  step = f"randaug({layers_magnitude[0]}, {layers_magnitude[1]})|" if layers_magnitude else ""
+  return step, alpha
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = parse_arg(arg, variant="digits", dataset="digits", init="", runlocal=False)
+  arg = parse_arg(arg, variant="digits", dataset="digits", init="", aug="", do=-1.0, sd=-1.0, runlocal=False)
+  aug = arg.aug or ("none" if arg.variant == "digits" else AUGREG_I1K.get(arg.variant, "light1"))
+  randaug, mixup_alpha = augreg(aug)
   c = ml_collections.ConfigDict()
   c.task = "classification"
   c.seed = 0
@@ -57,7 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_every_steps = ml_collections.config_dict.placeholder(int)
   c.label_smoothing = 0.0
   c.ema_decay = 0.0  # > 0: also keep and evaluate (eval_ema/...) a Polyak average of the weights
-  c.mixup = dict(mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5)
+  c.mixup = dict(mixup_alpha=mixup_alpha, cutmix_alpha=0.0, switch_prob=0.5)
   c.init = dict(path=arg.init, dont_load=(), reinit_head=True, posemb_resize="vit_jax")
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, b1=0.9, b2=0.999, mu_dtype="", weight_decay=0.05, clip_norm=1.0, scale_lr_by_batch=False,
@@ -70,7 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    channels=1, pool_type="gap", activation="gelu")
     c.data.image_size = 8
     # `decode` leaves the TFDS arrays as they are and decodes the PNGs of an image folder.
-    c.data.pp_train = "decode|random_crop_pad(1)|value_range(-1, 1)"
+    c.data.pp_train = f"decode|random_crop_pad(1)|{randaug}value_range(-1, 1)"
     c.data.pp_eval = "decode|value_range(-1, 1)"
     c.batch_size, c.eval_batch_size = 64, 128
     c.total_steps, c.log_steps, c.eval_steps, c.checkpoint_steps = 800, 50, 400, 100
@@ -82,16 +122,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = dict(decode_variant(arg.variant), pool_type="token", activation="gelu_tanh")
     res = 224
     c.data.image_size = res
-    c.data.pp_train = PP_IMAGENET["pp_train"].format(s=res)
+    c.data.pp_train = PP_IMAGENET["pp_train"].format(s=res, randaug=randaug)
     c.data.pp_eval = PP_IMAGENET["pp_eval"].format(s=res, r=res * 8 // 7)
     c.batch_size, c.eval_batch_size = 512, 512
     c.total_steps, c.log_steps, c.eval_steps, c.checkpoint_steps = 10_000, 50, 1000, 1000
     c.optim.lr = 1e-3
     c.optim.schedule.warmup_steps = 1000
-    c.mixup.mixup_alpha = 0.2
   c.model = ml_collections.ConfigDict(c.model)
-  c.model.dropout_rate = 0.0
-  c.model.drop_path_rate = 0.1 if arg.variant == "digits" else 0.0
+  c.model.dropout_rate = arg.do if arg.do >= 0 else 0.0
+  c.model.drop_path_rate = arg.sd if arg.sd >= 0 else (0.1 if arg.variant == "digits" else 0.0)
   # The position encoding ("learn", "sincos2d", CPVT's "peg", "none") and ViT-22B's block options, off;
   # all settable from the command line, e.g. --config.model.posemb=peg --config.model.qk_norm=layernorm.
   c.model.posemb = "learn"

@@ -235,3 +235,22 @@ def test_pipeline_ops():
     preprocess.apply(preprocess.parse("value_range(-1, 1)|randaug(2, 9)"), examples[0], np.random.default_rng(0))
   with pytest.raises(ValueError, match="cannot follow"):
     preprocess.apply(ops, dict(examples[0], geometry=preprocess.IDENTITY), np.random.default_rng(0))
+
+
+def test_augreg_settings_in_the_vit_config():
+  from configs import vit
+  expected = {"none": ("", 0.0), "light0": ("randaug(2, 0)|", 0.0), "light1": ("randaug(2, 10)|", 0.2),
+              "medium1": ("randaug(2, 15)|", 0.2), "medium2": ("randaug(2, 15)|", 0.5),
+              "strong1": ("randaug(2, 20)|", 0.5), "strong2": ("randaug(2, 20)|", 0.8)}
+  for name, (step, alpha) in expected.items():
+    c = vit.get_config(f"aug={name},do=0.1,sd=0.2")
+    assert c.data.pp_train == f"decode|random_crop_pad(1)|{step}value_range(-1, 1)"
+    assert (c.mixup.mixup_alpha, c.model.dropout_rate, c.model.drop_path_rate) == (alpha, 0.1, 0.2)
+    batch = preprocess.apply_batch(preprocess.parse(c.data.pp_train),
+                                   [{"image": np.full((8, 8, 1), 200, np.uint8), "label": 0}] * 4,
+                                   [np.random.default_rng(i) for i in range(4)])
+    assert batch["image"].shape == (4, 8, 8, 1) and batch["image"].dtype == np.float32
+  assert vit.get_config("variant=Ti/16,dataset=x").mixup.mixup_alpha == 0.0  # AugReg's i1k choice: light0
+  assert "randaug(2, 15)" in vit.get_config("variant=B/16,dataset=x").data.pp_train
+  with pytest.raises(ValueError, match="Unknown AugReg setting aug='heavy1'"):
+    vit.get_config("aug=heavy1")
