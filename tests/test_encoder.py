@@ -8,6 +8,7 @@ import pytest
 
 from tests.helpers import perturb
 from vit_jax.models import encoder as E
+from vit_jax.models.dropout import Dropout
 from vit_jax.models.attention import MultiHeadAttention
 
 RTOL, ATOL = 1e-5, 1e-5
@@ -137,3 +138,30 @@ def test_scan_returns_attention_weights_like_unrolled():
 def test_unrolled_to_scan_rejects_gaps():
   with pytest.raises(ValueError, match="not numbered"):
     E.unrolled_to_scan({"encoderblock_0": {"a": np.zeros(1)}, "encoderblock_2": {"a": np.zeros(1)}})
+
+
+def _dropout_sites(module, variables, *args, **kwargs):
+  """(rate, input shape) of every Dropout a train-mode call runs."""
+  sites = []
+
+  def record(next_fun, call_args, call_kwargs, context):
+    if isinstance(context.module, (nn.Dropout, Dropout)) and context.method_name == "__call__":
+      sites.append((context.module.rate, tuple(call_args[0].shape)))
+    return next_fun(*call_args, **call_kwargs)
+  with nn.intercept_methods(record):
+    module.apply(variables, *args, rngs={"dropout": jax.random.key(1)}, **kwargs)
+  return sorted(sites)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_each_branch_output_is_dropped_once(parallel):
+  """As the reference ViT and timm: the attention output, the MLP's hidden features and the MLP output,
+  one dropout each (the MLP output is not dropped a second time by the residual)."""
+  x = jnp.ones((2, 3, 8))
+  block = E.Encoder1DBlock(num_heads=2, mlp_dim=16, dropout_rate=0.1, parallel=parallel)
+  v = block.init(jax.random.key(0), x)
+  assert _dropout_sites(block, v, x, deterministic=False) == [(0.1, (2, 3, 8)), (0.1, (2, 3, 8)),
+                                                              (0.1, (2, 3, 16))]
+  plain = E.Encoder1DBlock(num_heads=2, mlp_dim=16, dropout_rate=0.1, parallel=parallel, hidden_dropout_rate=0.0)
+  assert _dropout_sites(plain, v, x, deterministic=False) == [(0.0, (2, 3, 16)), (0.1, (2, 3, 8)),
+                                                              (0.1, (2, 3, 8))]

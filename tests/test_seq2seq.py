@@ -311,3 +311,20 @@ def test_bad_settings_fail_clearly():
     Seq2Seq(5, 5, attention="luong_dot").init(jax.random.key(0), jnp.asarray(SOURCE), jnp.asarray(TARGET_IN))
   with pytest.raises(ValueError, match="Unknown merge mode"):
     RNNEncoder(13, bidirectional=True, merge="max").init(jax.random.key(0), jnp.asarray(SOURCE))
+
+
+def test_decoder_block_drops_each_branch_once():
+  """Self-attention, cross-attention and MLP outputs one dropout each; the MLP's hidden features at
+  hidden_dropout_rate (0: the original Transformer's placement)."""
+  from tests.test_encoder import _dropout_sites
+  from vit_jax.models.seq2seq import DecoderBlock
+
+  block = DecoderBlock(num_heads=2, width=8, mlp_dim=16, dropout_rate=0.1, hidden_dropout_rate=0.0)
+  x, memory = jnp.ones((2, 3, 8)), jnp.ones((2, 5, 8))
+  mask = jnp.ones((2, 1, 1, 5), bool)
+
+  def run(m, x, memory, mask, deterministic=True):
+    return m(x, m.memory_key_value(memory), mask, deterministic=deterministic)
+  v = block.init(jax.random.key(0), x, memory, mask, method=run)
+  assert _dropout_sites(block, v, x, memory, mask, method=run, deterministic=False) == [
+      (0.0, (2, 3, 16)), (0.1, (2, 3, 8)), (0.1, (2, 3, 8)), (0.1, (2, 3, 8))]

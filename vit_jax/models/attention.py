@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models.dropout import dropout
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -103,11 +105,7 @@ def masked_softmax(logits: Array, mask: Array | None = None, axis: int = -1) -> 
 
 
 def _dropout(weights: Array, rate: float, rng: Array, broadcast_dims: Sequence[int] = ()) -> Array:
-  shape = list(weights.shape)
-  for d in broadcast_dims:
-    shape[d] = 1
-  keep = jax.random.bernoulli(rng, 1.0 - rate, shape)
-  return jnp.where(keep, weights / (1.0 - rate), 0.0).astype(weights.dtype)
+  return dropout(weights, rate, rng, broadcast_dims)
 
 
 # ---------------------------------------------------------------------------

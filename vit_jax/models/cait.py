@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax.models.attention import MultiHeadAttention
+from vit_jax.models.dropout import Dropout
 from vit_jax.models.encoder import Encoder, LayerScale, MlpBlock
 
 Array = jax.Array
@@ -64,7 +65,7 @@ class ClassAttentionBlock(nn.Module):
                               param_dtype=self.param_dtype, name="attention")
     out = attn(y[:, :1], y, deterministic=deterministic, return_weights=return_weights)
     out, weights = out if return_weights else (out, None)
-    out = nn.Dropout(self.dropout_rate)(out, deterministic)
+    out = Dropout(self.dropout_rate)(out, deterministic)
     cls = u[:, :1] + LayerScale(self.layer_scale_init, self.param_dtype, name="LayerScale_0")(out)
     y = MlpBlock(self.mlp_dim, activation=self.activation, dropout_rate=self.dropout_rate, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="MlpBlock_0")(norm("LayerNorm_1")(cls), deterministic)

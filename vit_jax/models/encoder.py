@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models.attention import MultiHeadAttention
+from vit_jax.models.dropout import Dropout
 
 Array = jax.Array
 Dtype = Any
@@ -65,6 +66,9 @@ def get_remat_policy(name: str):
 class MlpBlock(nn.Module):
   """Dense -> activation -> dropout -> Dense -> dropout.
 
+  `hidden_dropout_rate` (default `dropout_rate`) is the first dropout's rate, on the `mlp_dim` features:
+  0 gives the original Transformer's placement (dropout on the sub-layer output only).
+
   `activation` is one of "gelu" (exact), "gelu_tanh", "relu", "silu", or a gated
   unit "swiglu" / "geglu": `Dense_1(act(Dense_gate(x)) * Dense_0(x))`.
   """
@@ -72,6 +76,7 @@ class MlpBlock(nn.Module):
   out_dim: int | None = None
   activation: str = "gelu"
   dropout_rate: float = 0.0
+  hidden_dropout_rate: float | None = None
   use_bias: bool = True
   in_bias: bool | None = None  # the input (and gate) Dense's bias; default `use_bias`
   kernel_init: Callable = nn.initializers.xavier_uniform()
@@ -91,9 +96,10 @@ class MlpBlock(nn.Module):
       h = get_activation(GATED[self.activation])(gate) * h
     else:
       h = get_activation(self.activation)(h)
-    h = nn.Dropout(self.dropout_rate)(h, deterministic)
+    hidden_rate = self.dropout_rate if self.hidden_dropout_rate is None else self.hidden_dropout_rate
+    h = Dropout(hidden_rate)(h, deterministic)
     y = dense(self.out_dim or x.shape[-1], name="Dense_1")(h)
-    return nn.Dropout(self.dropout_rate)(y, deterministic)
+    return Dropout(self.dropout_rate)(y, deterministic)
 
 
 def drop_path(x: Array, rate: float | Array, rng: Array) -> Array:
@@ -131,8 +137,9 @@ class Encoder1DBlock(nn.Module):
   """One transformer block.
 
   pre-norm:  x = x + F(LN(x))        post-norm:  x = LN(x + F(x))
-  where each residual branch is `F = drop_path(layer_scale(dropout(f))) / residual_scale`
-  for f in (self-attention, MLP).  `residual_scale` is LV-ViT's skip scaling
+  where each residual branch is `F = drop_path(layer_scale(f)) / residual_scale` for f in
+  (dropout(self-attention), MLP), the MLP dropping its hidden features and its output itself (so
+  each branch's output is dropped once, as in the reference ViT and timm).  `residual_scale` is LV-ViT's skip scaling
   (1.0 = off); `layer_scale_init` turns on CaiT's LayerScale (`LayerScale_{0,1}/gamma`).
 
   ViT-22B's options: `parallel=True` computes both branches from one norm and sums them,
@@ -147,6 +154,7 @@ class Encoder1DBlock(nn.Module):
   norm: Literal["pre", "post"] = "pre"
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  hidden_dropout_rate: float | None = None  # the MLP's hidden features (default dropout_rate)
   stochastic_depth: bool = False  # the per-layer rate is a call argument (it varies with depth)
   layer_scale_init: float | None = None
   residual_scale: float = 1.0
@@ -180,7 +188,6 @@ class Encoder1DBlock(nn.Module):
     def residual(x, f, idx):
       norm = make_norm(self.norm_type, self.layer_norm_eps, self.dtype, self.param_dtype, f"LayerNorm_{idx}")
       y = f(norm(x) if self.norm == "pre" else x)
-      y = nn.Dropout(self.dropout_rate)(y, deterministic)
       if self.layer_scale_init is not None:
         y = LayerScale(self.layer_scale_init, self.param_dtype, name=f"LayerScale_{idx}")(y)
       if self.stochastic_depth and not deterministic:
@@ -195,11 +202,12 @@ class Encoder1DBlock(nn.Module):
         dropout_rate=self.attention_dropout_rate, implementation=self.attention_impl, dtype=self.dtype,
         param_dtype=self.param_dtype, name="MultiHeadDotProductAttention_0")
     mlp = MlpBlock(self.mlp_dim, activation=self.activation, dropout_rate=self.dropout_rate,
-                   use_bias=self.proj_bias, in_bias=True if self.parallel else None, dtype=self.dtype,
+                   hidden_dropout_rate=self.hidden_dropout_rate, use_bias=self.proj_bias,
+                   in_bias=True if self.parallel else None, dtype=self.dtype,
                    param_dtype=self.param_dtype, name="MlpBlock_0")
     weights, caches = [], []
 
-    def self_attention(y):
+    def self_attention(y):  # its output dropped (the MLP drops its own)
       kw = {} if cache is None else dict(cache=cache, cache_index=cache_index)
       out = attn(y, mask=mask, deterministic=deterministic, return_weights=self.return_weights, **kw)
       if cache is not None:
@@ -209,7 +217,7 @@ class Encoder1DBlock(nn.Module):
       if self.return_weights:
         out, w = out
         weights.append(w)
-      return out
+      return Dropout(self.dropout_rate)(out, deterministic)
 
     if self.parallel:
       x = residual(x, lambda y: self_attention(y) + mlp(y, deterministic), 0)
@@ -294,6 +302,7 @@ class Encoder(nn.Module):
   norm: Literal["pre", "post"] = "pre"
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  hidden_dropout_rate: float | None = None
   drop_path_rate: float = 0.0
   drop_path_ramp: bool = True
   layer_scale_init: float | None = None
@@ -334,13 +343,14 @@ class Encoder(nn.Module):
       x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
     if posemb is not None:
       x = x + jnp.asarray(posemb, x.dtype)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic)
+    x = Dropout(self.dropout_rate)(x, deterministic)
     # Logical activation axes: the trainer maps them onto the mesh (a no-op without axis rules).
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
     block_kw = dict(
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, norm=self.norm, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate, stochastic_depth=self.drop_path_rate > 0,
+        attention_dropout_rate=self.attention_dropout_rate, hidden_dropout_rate=self.hidden_dropout_rate,
+        stochastic_depth=self.drop_path_rate > 0,
         layer_scale_init=self.layer_scale_init, residual_scale=self.residual_scale,
         activation=self.activation, qkv_bias=self.qkv_bias, proj_bias=self.proj_bias, qk_norm=self.qk_norm,
         talking_heads=self.talking_heads, parallel=self.parallel, norm_type=self.norm_type,

@@ -43,6 +43,7 @@ import numpy as np
 
 from vit_jax.models.attention import (AdditiveAttention, LocalAttention, LuongAttention, _Projection,
                                       dot_product_attention, init_cache, update_cache)
+from vit_jax.models.dropout import Dropout
 from vit_jax.models.encoder import Encoder, MlpBlock
 
 Array = jax.Array
@@ -102,7 +103,7 @@ def _rnn_layers(x: Array, cell: str, hidden: int, num_layers: int, bidirectional
   carries = []
   for i in range(num_layers):
     if i:
-      x = nn.Dropout(dropout_rate)(x, deterministic)
+      x = Dropout(dropout_rate)(x, deterministic)
     carry, y = nn.RNN(CELLS[cell](hidden, parent=None), return_carry=True, name=f"layer_{i}_forward")(
         x, seq_lengths=lengths)
     if bidirectional:
@@ -179,7 +180,7 @@ class RNNDecoderCell(nn.Module):
     h = x
     for i in range(self.num_layers):
       if i:
-        h = nn.Dropout(self.dropout_rate)(h, deterministic)
+        h = Dropout(self.dropout_rate)(h, deterministic)
       carry, h = CELLS[self.cell](self.hidden, name=f"layer_{i}")(state["rnn"][i], h)
       carries.append(carry)
     new_state = dict(state, rnn=tuple(carries), t=state["t"] + 1)
@@ -199,7 +200,7 @@ class RNNDecoderCell(nn.Module):
       out = jnp.concatenate([h, context], axis=-1)
     else:
       out = h
-    out = nn.Dropout(self.dropout_rate)(out, deterministic)
+    out = Dropout(self.dropout_rate)(out, deterministic)
     logits = nn.Dense(self.vocab_size, name="output")(out)
     return new_state, (logits, weights)
 
@@ -245,12 +246,14 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm Transformer decoder block: causal self-attention, cross-attention, MLP."""
+  """Pre-norm Transformer decoder block: causal self-attention, cross-attention, MLP; each branch's
+  output dropped once (the MLP drops its own, and its hidden features at `hidden_dropout_rate`)."""
   num_heads: int
   width: int
   mlp_dim: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  hidden_dropout_rate: float | None = None
 
   def setup(self):
     self.norm_self = nn.LayerNorm(epsilon=1e-6)
@@ -258,8 +261,8 @@ class DecoderBlock(nn.Module):
     self.norm_cross = nn.LayerNorm(epsilon=1e-6)
     self.cross_attention = DecoderAttention(self.num_heads, self.width, self.attention_dropout_rate)
     self.norm_mlp = nn.LayerNorm(epsilon=1e-6)
-    self.mlp = MlpBlock(self.mlp_dim, dropout_rate=self.dropout_rate)
-    self.dropout = nn.Dropout(self.dropout_rate)
+    self.mlp = MlpBlock(self.mlp_dim, dropout_rate=self.dropout_rate, hidden_dropout_rate=self.hidden_dropout_rate)
+    self.dropout = Dropout(self.dropout_rate)
 
   def memory_key_value(self, memory: Array) -> tuple[Array, Array]:
     return self.cross_attention.key_value(memory)
@@ -281,7 +284,7 @@ class DecoderBlock(nn.Module):
     x = x + self.dropout(y, deterministic)
     y, weights = self.cross_attention(self.norm_cross(x), *cross_kv, cross_mask, deterministic)
     x = x + self.dropout(y, deterministic)
-    x = x + self.dropout(self.mlp(self.norm_mlp(x), deterministic), deterministic)
+    x = x + self.mlp(self.norm_mlp(x), deterministic)
     return x, cache, weights
 
 
@@ -293,7 +296,8 @@ class Seq2Seq(nn.Module):
   "concat"), window (D of local attention), local_mode ("m" / "p"), attention_features, embed_dim
   (None = one-hot inputs), dropout_rate.
   Transformer attributes (kind="transformer"): hidden (the model width), num_layers, num_heads, mlp_dim,
-  dropout_rate, attention_dropout_rate, max_len (of the position table).
+  dropout_rate (embeddings and every branch's output), hidden_dropout_rate (the MLPs' hidden features;
+  default dropout_rate), attention_dropout_rate, max_len (of the position table).
   """
   source_vocab: int
   target_vocab: int
@@ -313,6 +317,7 @@ class Seq2Seq(nn.Module):
   num_heads: int = 4
   mlp_dim: int = 512
   attention_dropout_rate: float = 0.0
+  hidden_dropout_rate: float | None = None
   max_len: int = 256
 
   def setup(self):
@@ -332,12 +337,14 @@ class Seq2Seq(nn.Module):
       self.source_embed = nn.Embed(self.source_vocab, w, embedding_init=nn.initializers.normal(w ** -0.5))
       self.target_embed = nn.Embed(self.target_vocab, w, embedding_init=nn.initializers.normal(w ** -0.5))
       self.encoder = Encoder(num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-                             dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate)
+                             dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+                             hidden_dropout_rate=self.hidden_dropout_rate)
       self.blocks = [DecoderBlock(self.num_heads, w, self.mlp_dim, self.dropout_rate, self.attention_dropout_rate,
-                                  name=f"decoderblock_{i}") for i in range(self.num_layers)]
+                                  self.hidden_dropout_rate, name=f"decoderblock_{i}")
+                     for i in range(self.num_layers)]
       self.decoder_norm = nn.LayerNorm(epsilon=1e-6)
       self.output = nn.Dense(self.target_vocab)
-      self.dropout = nn.Dropout(self.dropout_rate)
+      self.dropout = Dropout(self.dropout_rate)
 
   @property
   def decoder_width(self) -> int:
@@ -471,7 +478,7 @@ class BiRNNClassifier(nn.Module):
                              not train)
     # The forward carry has read the last row and the backward carry row 0: their merged outputs.
     last = _hidden(carries[-1])
-    last = nn.Dropout(self.dropout_rate)(last, not train)
+    last = Dropout(self.dropout_rate)(last, not train)
     return nn.Dense(self.num_classes, name="head")(last), {}
 
 

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models.attention import MultiHeadAttention
+from vit_jax.models.dropout import Dropout
 from vit_jax.models.encoder import MlpBlock, drop_path
 
 Array = jax.Array
@@ -186,7 +187,7 @@ class SwinBlock(nn.Module):
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
     y = y[:, :h, :w]
-    y = nn.Dropout(self.dropout_rate)(y, deterministic)
+    y = Dropout(self.dropout_rate)(y, deterministic)
     if self.version == 2:
       y = norm("LayerNorm_0")(y)
     if drop_path_rate and not deterministic:
@@ -324,7 +325,7 @@ class SwinTransformer(nn.Module):
                 param_dtype=self.param_dtype, name="embedding")(x)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="embedding_norm")(x)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic)
+    x = Dropout(self.dropout_rate)(x, deterministic)
 
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
     out: dict[str, Any] = {"stages": [], "attention_weights": []}
