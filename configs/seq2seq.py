@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.model == "transformer":
     c.model = dict(kind="transformer", hidden=arg.hidden, num_layers=arg.layers or 3, num_heads=4,
                    mlp_dim=4 * arg.hidden,
-                   dropout_rate=0.1, attention_dropout_rate=0.0)
+                   dropout_rate=0.1, hidden_dropout_rate=0.0, attention_dropout_rate=0.0)
     c.optim = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, b1=0.9, b2=0.98, weight_decay=0.01,
                                              clip_norm=1.0, scale_lr_by_batch=False, lr_mults=(), wd_mults=(),
                                              frozen=(), schedule=dict(decay="cosine", min_lr=1e-5)))
