@@ -57,6 +57,7 @@ COVERED = {
     "--input mae_visualize": "tests/test_torch_releases.py::test_convert_releases_keeps_what_each_target_can_hold",
     "bench/vit_step.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
     "bench/decode.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
+    "bench/seq2seq_step.py": "tests/test_bench.py::test_bench_script_prints_its_table (smallest inputs)",
     # Timing and multi-run studies of minutes each (`make bench`), built from pieces tested elsewhere.
     "bench/swin_step.py": "tests/test_swin.py (the model and the Hugging Face model it times)",
     "bench/mae_step.py": "tests/test_mae.py (the MAE step it times, in the trainer)",
@@ -68,6 +69,8 @@ COVERED = {
                                  "it repeats at other patch sizes)",
     "bench/teacher_digits.py": "tests/test_teacher.py (the same runs, tiny)",
     "bench/qk_norm_stability.py": "tests/test_block_options.py (QK-norm against torch; the options in the trainer)",
+    "bench/augreg_digits.py": "tests/test_randaug.py::test_augreg_settings_in_the_vit_config (the settings), "
+                              "tests/test_train.py::test_training_writes_metrics_checkpoints_and_config (the runs)",
     "bench/precision_digits.py": "tests/test_precision.py (bfloat16 compute, float32 statistics and state)",
     "bench/demo_ab.py": "tests/test_readme.py (the demo it runs at two revisions)",
     "bench/compile_cache.py": "tests/test_runtime.py::test_a_second_start_loads_every_program_from_the_cache",
