@@ -4,16 +4,18 @@
     python main.py --config configs/deit.py:teacher=workdirs/teacher --workdir workdirs/deit_digits
   Distils a DeiT student (the demo's size without its conv stem: 2x2 patches, width 64, depth 4; class
   and distillation tokens, two heads) from that teacher with hard distillation, 1200 steps with the
-  paper's mixup / CutMix; `distill=soft` uses the soft (KL, temperature) form, and `distill=none` trains
-  the same student without a distillation token or teacher.
+  paper's mixup / CutMix (RandAugment and random erasing belong to the ImageNet recipe below; the
+  8x8 digits keep the demo's 1-pixel shifts); `distill=soft` uses the soft (KL, temperature) form,
+  and `distill=none` trains the same student without a distillation token or teacher.
 
     python main.py --config configs/deit.py:variant=DeiT-S,dataset=imagenet2012,teacher=TEACHER.npz \
         --workdir workdirs/deit_s
   The paper's recipe: AdamW, lr 5e-4 x batch / 512, weight decay 0.05, 5 warmup epochs then cosine to
   1e-5, 300 epochs at batch 1024, drop path 0.1, label smoothing 0.1, RandAugment (timm's
-  rand-m9-mstd0.5-inc1), random erasing 0.25, mixup 0.8 / CutMix 1.0, repeated augmentation x3, EMA 0.99996.  The teacher is any classifier our code loads (our checkpoint or a
-  published .npz) trained on the same labels; it sees the same augmented, mixed batch in inference
-  mode.  The paper's RegNetY-16GF teacher is a convnet this code base does not implement.
+  rand-m9-mstd0.5-inc1), random erasing 0.25, mixup 0.8 / CutMix 1.0, repeated augmentation x3, EMA
+  0.99996.  The teacher is any classifier our code loads (our checkpoint or a published .npz) trained
+  on the same labels; it sees the same augmented, mixed batch in inference mode.  The paper's
+  RegNetY-16GF teacher is a convnet this code base does not implement.
 """
 
 from __future__ import annotations
