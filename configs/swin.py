@@ -17,10 +17,9 @@
     python main.py --config configs/swin.py:variant=Swin-T,dataset=imagenet2012 --workdir workdirs/swin_t
   The paper's ImageNet-1k recipe: AdamW, lr 1e-3 at batch 1024 (5e-4 x batch / 512), weight decay
   0.05, 20 warmup epochs then cosine to 5e-6, 300 epochs, gradient clipping at 5, label smoothing
-  0.1, mixup 0.8 / CutMix 1.0, drop path 0.2 / 0.3 / 0.5 (T / S / B).  Reported top-1 at 224 px:
-  Swin-T 81.3, Swin-S 83.0, Swin-B 83.5 (Swin-B at 384 px, `variant=Swin-B-w12`: 84.5).  The paper
-  also uses RandAugment (m9, std 0.5) and random erasing (0.25), which this code base does not have
-  yet, so expect somewhat lower numbers.  SwinV2 names (`SwinV2-T`, `-S`, `-B`, window 8; `-w16`)
+  0.1, RandAugment (timm's rand-m9-mstd0.5-inc1), random erasing 0.25, mixup 0.8 / CutMix 1.0,
+  drop path 0.2 / 0.3 / 0.5 (T / S / B).  Reported top-1 at 224 px: Swin-T 81.3, Swin-S 83.0, Swin-B
+  83.5 (Swin-B at 384 px, `variant=Swin-B-w12`: 84.5).  SwinV2 names (`SwinV2-T`, `-S`, `-B`, window 8; `-w16`)
   train at 256 px.
 """
 
