@@ -215,13 +215,22 @@ def _signed(value: float, rng: np.random.Generator) -> float:
   return -value if rng.random() < 0.5 else value
 
 
+_SHARED = ("Rotate", "ShearX", "ShearY", "SolarizeAdd")  # scaled alike by both policies
+
+
+def _shared_argument(name: str, level: float, rng: np.random.Generator):
+  if name == "Rotate":
+    return _signed(level * 30.0, rng)
+  if name == "SolarizeAdd":
+    return int(level * 110)
+  return _signed(level * 0.3, rng)  # ShearX, ShearY
+
+
 def big_vision_arguments(name: str, magnitude: float, width: int, rng: np.random.Generator):
   """The operation's argument at `magnitude` in the AugReg (TF EfficientNet) RandAugment."""
   level = magnitude / MAX_LEVEL
-  if name == "Rotate":
-    return _signed(level * 30.0, rng)
-  if name in ("ShearX", "ShearY"):
-    return _signed(level * 0.3, rng)
+  if name in _SHARED:
+    return _shared_argument(name, level, rng)
   if name in ("TranslateX", "TranslateY"):
     return _signed(level * 100.0 * width / 224.0, rng)
   if name in ("Color", "Contrast", "Brightness", "Sharpness"):
@@ -230,8 +239,6 @@ def big_vision_arguments(name: str, magnitude: float, width: int, rng: np.random
     return int(level * 4)
   if name == "Solarize":
     return int(level * 256)
-  if name == "SolarizeAdd":
-    return int(level * 110)
   if name == "Cutout":
     return int(level * 40.0 * width / 224.0)
   return None
@@ -240,10 +247,8 @@ def big_vision_arguments(name: str, magnitude: float, width: int, rng: np.random
 def timm_arguments(name: str, magnitude: float, width: int, rng: np.random.Generator):
   """The operation's argument at `magnitude` in timm's increasing RandAugment (`inc1`)."""
   level = magnitude / MAX_LEVEL
-  if name == "Rotate":
-    return _signed(level * 30.0, rng)
-  if name in ("ShearX", "ShearY"):
-    return _signed(level * 0.3, rng)
+  if name in _SHARED:
+    return _shared_argument(name, level, rng)
   if name in ("TranslateX", "TranslateY"):
     return _signed(level * 0.45, rng) * width
   if name in ("Color", "Contrast", "Brightness", "Sharpness"):
@@ -252,8 +257,6 @@ def timm_arguments(name: str, magnitude: float, width: int, rng: np.random.Gener
     return 4 - int(level * 4)
   if name == "Solarize":
     return 256 - int(level * 256)
-  if name == "SolarizeAdd":
-    return int(level * 110)
   return None
 
 
