@@ -59,8 +59,8 @@ def batches_by_length(config, lengths):
   return data, {n: found[n] for n in lengths}, counts
 
 
-def time_model(arg, overrides, data, batches, steps):
-  config = seq2seq.get_config(arg)
+def time_model(arg, overrides, data, batches, steps, runlocal=False):
+  config = seq2seq.get_config(arg + (",runlocal" if runlocal else ""))
   config.model.update(overrides)
   mesh = sharding.make_mesh((("data", -1),), devices=jax.devices()[:1])
   info = {"text": data}
@@ -93,18 +93,19 @@ def main():
   parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}")
   parser.add_argument("--lengths", default="32,48")
   parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--runlocal", action="store_true", help="the config's small corpus (a smoke test)")
   args = parser.parse_args()
   names = [m for m in args.models.split(",") if m]
   unknown = [m for m in names if m not in MODELS]
   if unknown:
     raise SystemExit(f"error: unknown models {unknown}: choose from {list(MODELS)}")
   lengths = [int(n) for n in args.lengths.split(",")]
-  data, batches, counts = batches_by_length(seq2seq.get_config(), lengths)
+  data, batches, counts = batches_by_length(seq2seq.get_config("runlocal" if args.runlocal else ""), lengths)
   weights = {n: counts[n] for n in lengths}
   rows = []
   for name in names:
     name, arg, overrides = MODELS[name]
-    rates = time_model(arg, overrides, data, batches, args.steps)
+    rates = time_model(arg, overrides, data, batches, args.steps, args.runlocal)
     # Pairs per second over the measured lengths, each weighted by its share of an epoch's batches.
     epoch = sum(weights.values()) / sum(w / rates[n][0] for n, w in weights.items())
     rows.append((name, rates, epoch))

@@ -19,7 +19,7 @@ CASES = {
                 "--rounds", "1", "--skip-torch"],  # on CPU: the vit_jax half of the GPU benchmark
     "decode": ["--models", "lstm-luong", "--batch", "2", "--source_len", "8", "--max_len", "6",
                "--beam", "2", "--repeats", "1"],
-    "seq2seq_step": ["--models", "luong,tf2", "--lengths", "32", "--steps", "1"],
+    "seq2seq_step": ["--models", "luong,tf2", "--lengths", "32", "--steps", "1", "--runlocal"],
 }
 
 
