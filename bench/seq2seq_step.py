@@ -7,9 +7,11 @@ AdamW, one device) of configs/seq2seq.py, timed on real training batches of the 
 common lengths of the length buckets (64 pairs, source and target cut to 32 or 48 tokens): the median
 of `--steps` steps after one compiling call.  "epoch" weights the per-length rates by how often each
 length occurs in an epoch (the lengths the training loop sees), which is what the trainer's progress line
-reports.  The Transformer rows separate the cost of dropout: dropout after the MLP's activation (on
-`mlp_dim` = 4 x width features, as the reference ViT block), only on the embeddings and each branch's
-output (the original Transformer's placement, the config's default), and none.
+reports.  The Transformer rows separate the cost of dropout: its masks drawn with threefry (one
+`jax.random.bits` per element, as `flax.linen.Dropout` does) or hashed (`vit_jax.models.dropout`); dropout
+also after the MLP's activation (on `mlp_dim` = 4 x width features, as the reference ViT block), only
+on the embeddings and each branch's output (the original Transformer's placement, the config's
+default), or none.
 """
 
 from __future__ import annotations
@@ -25,20 +27,26 @@ sys.path.insert(0, ROOT)
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import seq2seq  # noqa: E402
 from vit_jax.data import input_pipeline, text  # noqa: E402
+from vit_jax.models import dropout as dropout_masks  # noqa: E402
 from vit_jax.train import sharding, trainer  # noqa: E402
 
-MODELS = {  # key: (description, config argument, model overrides)
-    "luong": ("Luong general, bi-LSTM", "model=luong", {}),
-    "bahdanau": ("Bahdanau, bi-LSTM", "model=bahdanau", {}),
+MODELS = {  # key: (description, config argument, model overrides, dropout masks)
+    "luong": ("Luong general, bi-LSTM", "model=luong", {}, "hash"),
+    "bahdanau": ("Bahdanau, bi-LSTM", "model=bahdanau", {}, "hash"),
+    "tf2-threefry-hidden": ("Transformer 2+2, threefry masks, dropout also after the MLP activation",
+                            "model=transformer,layers=2", {"hidden_dropout_rate": 0.1}, "threefry"),
+    "tf2-threefry": ("Transformer 2+2, threefry masks, dropout on branch outputs", "model=transformer,layers=2",
+                     {}, "threefry"),
     "tf2-hidden": ("Transformer 2+2, dropout also after the MLP activation", "model=transformer,layers=2",
-                   {"hidden_dropout_rate": 0.1}),
-    "tf2": ("Transformer 2+2, dropout on branch outputs (config)", "model=transformer,layers=2", {}),
-    "tf2-nodrop": ("Transformer 2+2, no dropout", "model=transformer,layers=2", {"dropout_rate": 0.0}),
-    "tf3": ("Transformer 3+3, dropout on branch outputs (config)", "model=transformer,layers=3", {}),
+                   {"hidden_dropout_rate": 0.1}, "hash"),
+    "tf2": ("Transformer 2+2, dropout on branch outputs (config)", "model=transformer,layers=2", {}, "hash"),
+    "tf2-nodrop": ("Transformer 2+2, no dropout", "model=transformer,layers=2", {"dropout_rate": 0.0}, "hash"),
+    "tf3": ("Transformer 3+3, dropout on branch outputs (config)", "model=transformer,layers=3", {}, "hash"),
 }
 
 
@@ -59,7 +67,21 @@ def batches_by_length(config, lengths):
   return data, {n: found[n] for n in lengths}, counts
 
 
-def time_model(arg, overrides, data, batches, steps, runlocal=False):
+def _threefry_bits(rng, shape):
+  return jax.random.bits(rng, tuple(shape), jnp.uint32)  # one threefry draw per element
+
+
+def time_model(arg, overrides, masks, data, batches, steps, runlocal=False):
+  """{length: (pairs per second, compile seconds)} of one model's update step."""
+  hashed = dropout_masks.random_bits
+  dropout_masks.random_bits = _threefry_bits if masks == "threefry" else hashed
+  try:
+    return _time_model(arg, overrides, data, batches, steps, runlocal)
+  finally:
+    dropout_masks.random_bits = hashed
+
+
+def _time_model(arg, overrides, data, batches, steps, runlocal):
   config = seq2seq.get_config(arg + (",runlocal" if runlocal else ""))
   config.model.update(overrides)
   mesh = sharding.make_mesh((("data", -1),), devices=jax.devices()[:1])
@@ -104,8 +126,8 @@ def main():
   weights = {n: counts[n] for n in lengths}
   rows = []
   for name in names:
-    name, arg, overrides = MODELS[name]
-    rates = time_model(arg, overrides, data, batches, args.steps, args.runlocal)
+    name, arg, overrides, masks = MODELS[name]
+    rates = time_model(arg, overrides, masks, data, batches, args.steps, args.runlocal)
     # Pairs per second over the measured lengths, each weighted by its share of an epoch's batches.
     epoch = sum(weights.values()) / sum(w / rates[n][0] for n, w in weights.items())
     rows.append((name, rates, epoch))
