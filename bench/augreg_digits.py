@@ -6,7 +6,8 @@ Every run is the demo ViT of configs/vit.py (conv stem, width 64, 4 blocks, batc
 label smoothing 0.1) with `aug=NAME`: RandAugment (AugReg's policy; layers, magnitude) after the demo's
 1-pixel random shift, and mixup at the setting's alpha.  Each setting trains for each length in `--steps`
 (its own cosine schedule), and the table gives the test accuracy on the 360 test digits and the training
-loss at the end (the mean of the last 5 logged, on the augmented and mixed batches), over the seeds.  Runs resume from their workdirs.
+loss at the end (the mean of the last 5 logged, on the augmented and mixed batches), over the seeds.
+Runs resume from their workdirs.
 """
 
 from __future__ import annotations

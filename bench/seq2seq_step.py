@@ -140,7 +140,8 @@ def main():
   print("| model | " + " | ".join(f"{n} tokens" for n in lengths) + f" | epoch | vs {rows[0][0]} |")
   print("|---|" + "---|" * (len(lengths) + 2))
   for name, rates, epoch in rows:
-    print(f"| {name} | " + " | ".join(f"{rates[n][0]:.0f}" for n in lengths) + f" | {epoch:.0f} | {epoch / base:.2f}x |")
+    cells = " | ".join(f"{rates[n][0]:.0f}" for n in lengths)
+    print(f"| {name} | {cells} | {epoch:.0f} | {epoch / base:.2f}x |")
 
 
 if __name__ == "__main__":

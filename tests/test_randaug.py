@@ -196,7 +196,8 @@ def test_random_erase_definition():
   image = np.full((24, 32, 3), 5.0, np.float32)
   erased = 0
   for seed in range(2000):
-    out = preprocess.apply(preprocess.parse("random_erase(0.25)"), {"image": image}, np.random.default_rng(seed))["image"]
+    ops = preprocess.parse("random_erase(0.25)")
+    out = preprocess.apply(ops, {"image": image}, np.random.default_rng(seed))["image"]
     changed = out != 5.0
     if not changed.any():
       continue
