@@ -150,15 +150,14 @@ def affine(image: np.ndarray, matrix, fill, interpolation: str = "nearest") -> n
   ys, xs = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
   xin, yin = a * xs + b * ys + c, d * xs + e * ys + f
   fill = np.broadcast_to(np.asarray(fill, np.float64).reshape(-1)[:channels], (channels,))
+  inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
   if interpolation == "nearest":
-    inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
     xi = np.clip(np.floor(xin), 0, w - 1).astype(np.int64)
     yi = np.clip(np.floor(yin), 0, h - 1).astype(np.int64)
     out = np.where(inside[..., None], image[yi, xi], fill.astype(np.uint8))
     return out.astype(np.uint8)
   if interpolation != "bilinear":
     raise ValueError(f"Unknown interpolation {interpolation!r}: choose 'nearest' or 'bilinear'.")
-  inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
   xs0, ys0 = xin - 0.5, yin - 0.5
   x0, y0 = np.floor(xs0), np.floor(ys0)
   dx, dy = (xs0 - x0)[..., None], (ys0 - y0)[..., None]
@@ -267,24 +266,26 @@ POLICIES = {
     "timm": ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
              "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY"),
 }
-GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"}
+
+
+_PLAIN: dict[str, Callable] = {"AutoContrast": autocontrast, "Equalize": equalize, "Invert": invert}
+_GEOMETRIC: dict[str, Callable] = {"Rotate": rotate, "ShearX": shear_x, "ShearY": shear_y,
+                                   "TranslateX": translate_x, "TranslateY": translate_y}
+_COLOUR: dict[str, Callable] = {"Posterize": posterize, "Solarize": solarize, "SolarizeAdd": solarize_add,
+                                "Color": color, "Contrast": contrast, "Brightness": brightness,
+                                "Sharpness": sharpness}
 
 
 def apply_operation(name: str, image: np.ndarray, argument, *, fill, interpolation: str,
                     rng: np.random.Generator) -> np.ndarray:
   """One named operation with its argument (see `big_vision_arguments` / `timm_arguments`)."""
-  simple: dict[str, Callable] = {"AutoContrast": autocontrast, "Equalize": equalize, "Invert": invert}
-  if name in simple:
-    return simple[name](image)
-  if name in GEOMETRIC:
-    op = {"Rotate": rotate, "ShearX": shear_x, "ShearY": shear_y, "TranslateX": translate_x,
-          "TranslateY": translate_y}[name]
-    return op(image, argument, fill, interpolation)
+  if name in _PLAIN:
+    return _PLAIN[name](image)
+  if name in _GEOMETRIC:
+    return _GEOMETRIC[name](image, argument, fill, interpolation)
   if name == "Cutout":
     return cutout(image, rng, argument, fill)
-  colour = {"Posterize": posterize, "Solarize": solarize, "SolarizeAdd": solarize_add, "Color": color,
-            "Contrast": contrast, "Brightness": brightness, "Sharpness": sharpness}
-  return colour[name](image, argument)
+  return _COLOUR[name](image, argument)
 
 
 class RandAugment:
